@@ -1,0 +1,90 @@
+#include "framework/dtype.h"
+
+#include <array>
+#include <bit>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+namespace ssmtune {
+namespace {
+
+struct DTypeInfo {
+  DType dtype;
+  std::string_view name;
+  size_t size;
+};
+
+constexpr std::array<DTypeInfo, 13> kDTypes{{
+    {DType::BOOL, "BOOL", 1}, {DType::U8, "U8", 1},     {DType::I8, "I8", 1},
+    {DType::I16, "I16", 2},   {DType::U16, "U16", 2},   {DType::F16, "F16", 2},
+    {DType::BF16, "BF16", 2}, {DType::I32, "I32", 4},   {DType::U32, "U32", 4},
+    {DType::F32, "F32", 4},   {DType::F64, "F64", 8},   {DType::I64, "I64", 8},
+    {DType::U64, "U64", 8},
+}};
+
+const DTypeInfo& info(DType dtype) { return kDTypes[static_cast<size_t>(dtype)]; }
+
+template <typename Out>
+void convert(DType dtype, const void* src, size_t n, Out* dst) {
+  switch (dtype) {
+    case DType::F32: {
+      const float* s = static_cast<const float*>(src);
+      for (size_t i = 0; i < n; ++i) dst[i] = static_cast<Out>(s[i]);
+      return;
+    }
+    case DType::F64: {
+      const double* s = static_cast<const double*>(src);
+      for (size_t i = 0; i < n; ++i) dst[i] = static_cast<Out>(s[i]);
+      return;
+    }
+    case DType::BF16: {
+      const uint16_t* s = static_cast<const uint16_t*>(src);
+      for (size_t i = 0; i < n; ++i) dst[i] = static_cast<Out>(bf16_to_float(s[i]));
+      return;
+    }
+    case DType::F16: {
+      const uint16_t* s = static_cast<const uint16_t*>(src);
+      for (size_t i = 0; i < n; ++i) dst[i] = static_cast<Out>(f16_to_float(s[i]));
+      return;
+    }
+    default:
+      throw std::invalid_argument("convert_to_float: not a floating-point dtype: " +
+                                  std::string(dtype_name(dtype)));
+  }
+}
+
+}  // namespace
+
+size_t dtype_size(DType dtype) { return info(dtype).size; }
+std::string_view dtype_name(DType dtype) { return info(dtype).name; }
+
+std::optional<DType> dtype_from_name(std::string_view name) {
+  for (const DTypeInfo& d : kDTypes)
+    if (d.name == name) return d.dtype;
+  return std::nullopt;
+}
+
+float bf16_to_float(uint16_t bits) {
+  uint32_t word = static_cast<uint32_t>(bits) << 16;
+  float value;
+  std::memcpy(&value, &word, 4);
+  return value;
+}
+
+uint16_t float_to_bf16(float value) {
+  uint32_t word;
+  std::memcpy(&word, &value, 4);
+  if ((word & 0x7f800000u) == 0x7f800000u && (word & 0x007fffffu))  // NaN stays a quiet NaN
+    return static_cast<uint16_t>((word >> 16) | 0x0040u);
+  word += 0x7fffu + ((word >> 16) & 1u);
+  return static_cast<uint16_t>(word >> 16);
+}
+
+float f16_to_float(uint16_t bits) { return static_cast<float>(std::bit_cast<_Float16>(bits)); }
+uint16_t float_to_f16(float value) { return std::bit_cast<uint16_t>(static_cast<_Float16>(value)); }
+
+void convert_to_float(DType dtype, const void* src, size_t n, float* dst) { convert(dtype, src, n, dst); }
+void convert_to_double(DType dtype, const void* src, size_t n, double* dst) { convert(dtype, src, n, dst); }
+
+}  // namespace ssmtune
