@@ -87,4 +87,22 @@ uint16_t float_to_f16(float value) { return std::bit_cast<uint16_t>(static_cast<
 void convert_to_float(DType dtype, const void* src, size_t n, float* dst) { convert(dtype, src, n, dst); }
 void convert_to_double(DType dtype, const void* src, size_t n, double* dst) { convert(dtype, src, n, dst); }
 
+void convert_from_double(const double* src, size_t n, DType dtype, void* dst) {
+  switch (dtype) {
+    case DType::F64: std::memcpy(dst, src, n * 8); return;
+    case DType::F32:
+      for (size_t i = 0; i < n; ++i) static_cast<float*>(dst)[i] = static_cast<float>(src[i]);
+      return;
+    case DType::BF16:
+      for (size_t i = 0; i < n; ++i) static_cast<uint16_t*>(dst)[i] = float_to_bf16(static_cast<float>(src[i]));
+      return;
+    case DType::F16:
+      for (size_t i = 0; i < n; ++i) static_cast<uint16_t*>(dst)[i] = float_to_f16(static_cast<float>(src[i]));
+      return;
+    default:
+      throw std::invalid_argument("convert_from_double: not a floating-point dtype: " +
+                                  std::string(dtype_name(dtype)));
+  }
+}
+
 }  // namespace ssmtune

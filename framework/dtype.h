@@ -22,5 +22,7 @@ uint16_t float_to_f16(float value);
 // Converts n elements of a floating-point dtype (F16, BF16, F32, F64) to float or double.
 void convert_to_float(DType dtype, const void* src, size_t n, float* dst);
 void convert_to_double(DType dtype, const void* src, size_t n, double* dst);
+// Converts n doubles to a floating-point dtype, rounding to nearest even.
+void convert_from_double(const double* src, size_t n, DType dtype, void* dst);
 
 }  // namespace ssmtune

@@ -1,0 +1,127 @@
+// The one interface through which the framework runs ops, filled by the CPU backend (framework/
+// cpu_backend.cpp, the reference) and the CUDA backend. Buffers are untyped device pointers with a
+// role that fixes their element type for the backend:
+//   act    - activations and frozen 16-bit weights: fp32 on the CPU (fp64 in gradient checks), bf16 on CUDA
+//   master - residual stream, adapters, their gradients and optimizer state, small frozen vectors:
+//            fp32 (fp64 in gradient checks)
+// Every op documents which role each argument has; shapes are explicit. No op allocates: scratch comes
+// from the caller's memory plan.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+#include "framework/dtype.h"
+
+namespace ssmtune {
+
+// A frozen linear weight [out, in] in bitsandbytes NF4 with double-quantized absmax (REFERENCE.md §3).
+struct Nf4Weight {
+  int64_t out_features = 0, in_features = 0;
+  const uint8_t* packed = nullptr;        // device, numel/2 bytes, even element in the high nibble
+  const uint8_t* absmax_codes = nullptr;  // device, one per 64-block
+  const float* nested_absmax = nullptr;   // device, one per 256 absmax
+  float nested_offset = 0;
+};
+
+// The trainable low-rank path of one linear layer: y += scale * B(A(dropout(x))).
+struct LoraPath {
+  int64_t rank = 0;
+  double scale = 0;
+  double dropout = 0;
+  uint64_t dropout_seed = 0;    // the mask is a pure function of (seed, stream, element)
+  uint64_t dropout_stream = 0;  // distinct per (step, micro-batch, layer, projection)
+  const void* A = nullptr;      // master [rank, in]
+  const void* B = nullptr;      // master [out, rank]
+  void* dA = nullptr;           // master, accumulated
+  void* dB = nullptr;           // master, accumulated
+};
+
+struct LinearOp {
+  const Nf4Weight* base = nullptr;
+  const LoraPath* lora = nullptr;  // null when the projection has no adapter
+};
+
+struct ScanShape {
+  int64_t batch = 0, len = 0, dim = 0, state = 0, chunk_len = 0;
+  int64_t num_chunks() const { return (len + chunk_len - 1) / chunk_len; }
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual std::string name() const = 0;
+  virtual DType act_dtype() const = 0;
+  virtual DType master_dtype() const = 0;
+
+  // Memory. allocate is called only while building memory plans, never inside a step.
+  virtual void* allocate(size_t bytes) = 0;
+  virtual void release(void* ptr) = 0;
+  virtual void copy_from_host(void* dst, const void* src, size_t bytes) = 0;
+  virtual void copy_to_host(void* dst, const void* src, size_t bytes) = 0;
+  virtual void copy(void* dst, const void* src, size_t bytes) = 0;
+  virtual void fill_zero(void* dst, size_t bytes) = 0;
+  virtual void synchronize() = 0;
+
+  // Scratch (act elements) that linear_forward/linear_backward need for the largest weight given.
+  virtual size_t linear_workspace_bytes(int64_t max_weight_numel, int64_t rows, int64_t max_rank) const = 0;
+  virtual size_t scan_workspace_bytes(const ScanShape& shape) const = 0;
+
+  // out[r] (master) = table[tokens[r]] (act)
+  virtual void embedding_forward(const int32_t* tokens, int64_t rows, const void* table, int64_t dim,
+                                 void* out) = 0;
+  // y (act) = rmsnorm(x (master)) * weight (master, may be null); rstd (master) [rows] saved.
+  virtual void rmsnorm_forward(const void* x, const void* weight, void* y, void* rstd, int64_t rows,
+                               int64_t dim, double eps) = 0;
+  // dx (master) += d rmsnorm / dx · dy (act)
+  virtual void rmsnorm_backward(const void* x, const void* weight, const void* rstd, const void* dy,
+                                void* dx, int64_t rows, int64_t dim) = 0;
+  // residual (master) += delta (act)
+  virtual void add_to_residual(void* residual, const void* delta, int64_t n) = 0;
+  // dst (act) = src (master)
+  virtual void master_to_act(const void* src, void* dst, int64_t n) = 0;
+
+  // y[rows, out] (act, row stride ldy) = x[rows, in] (act, row stride ldx) · Wᵀ + LoRA path.
+  // lora_h (act) [rows, rank] keeps A(dropout(x)) for the backward.
+  virtual void linear_forward(const LinearOp& op, const void* x, int64_t ldx, int64_t rows, void* y,
+                              int64_t ldy, void* lora_h, void* workspace) = 0;
+  // dx (act, stride lddx) = dy · W + LoRA path (or += when accumulate_dx); adapter grads accumulated.
+  virtual void linear_backward(const LinearOp& op, const void* x, int64_t ldx, int64_t rows, const void* dy,
+                               int64_t ldy, const void* lora_h, void* dx, int64_t lddx, bool accumulate_dx,
+                               void* workspace) = 0;
+
+  // u (act) [batch*len, dim] = silu(causal depthwise conv(x) + bias); weights master [dim, kernel].
+  virtual void conv1d_silu_forward(const void* x, int64_t ldx, const void* weight, const void* bias, void* u,
+                                   int64_t batch, int64_t len, int64_t dim, int64_t kernel) = 0;
+  virtual void conv1d_silu_backward(const void* x, int64_t ldx, const void* weight, const void* bias,
+                                    const void* du, void* dx, int64_t lddx, int64_t batch, int64_t len,
+                                    int64_t dim, int64_t kernel) = 0;
+
+  // Selective scan with softplus(delta + delta_bias), D skip and SiLU(z) gate (kernels/cpu/selective_scan.h).
+  // u, delta, B, C, z, out: act; delta_bias, A, Dskip: master; chunk_states: master [batch, chunks, dim, state].
+  virtual void selective_scan_forward(const ScanShape& s, const void* u, const void* delta,
+                                      const void* delta_bias, const void* A, const void* B, const void* C,
+                                      int64_t bc_stride, const void* Dskip, const void* z, int64_t z_stride,
+                                      void* out, void* chunk_states) = 0;
+  virtual void selective_scan_backward(const ScanShape& s, const void* u, const void* delta,
+                                       const void* delta_bias, const void* A, const void* B, const void* C,
+                                       int64_t bc_stride, const void* Dskip, const void* z, int64_t z_stride,
+                                       const void* chunk_states, const void* dout, void* du, void* ddelta,
+                                       void* dB, void* dC, void* dz, void* workspace) = 0;
+
+  // LM head (table act [vocab, dim]) + cross-entropy, slice by slice. weights (act) [rows]: 0 excludes a
+  // token. dh (act) = grad_scale * weight * dloss/dh, or null for the loss alone. Returns sum weight*loss.
+  virtual double cross_entropy(const void* h, const void* table, int64_t rows, int64_t dim, int64_t vocab,
+                               const int32_t* targets, const void* weights, double grad_scale, void* dh,
+                               void* logits_workspace, int64_t slice_rows) = 0;
+
+  // Optimizer over one contiguous master buffer of n elements.
+  virtual double sum_of_squares(const void* x, int64_t n) = 0;
+  virtual void scale(void* x, int64_t n, double factor) = 0;
+  // AdamW with decoupled weight decay; bias corrections are passed in (1 - beta^t).
+  virtual void adamw_update(void* params, const void* grads, void* m, void* v, int64_t n, double lr,
+                            double beta1, double beta2, double eps, double weight_decay, double bias_correction1,
+                            double bias_correction2) = 0;
+};
+
+}  // namespace ssmtune

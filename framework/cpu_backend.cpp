@@ -1,0 +1,169 @@
+#include "framework/cpu_backend.h"
+
+#include <cstdlib>
+#include <cstring>
+#include <stdexcept>
+
+#include "framework/error.h"
+#include "kernels/cpu/adamw.h"
+#include "kernels/cpu/causal_conv1d.h"
+#include "kernels/cpu/cross_entropy.h"
+#include "kernels/cpu/gemm.h"
+#include "kernels/cpu/lora.h"
+#include "kernels/cpu/nf4.h"
+#include "kernels/cpu/rmsnorm.h"
+#include "kernels/cpu/selective_scan.h"
+
+namespace ssmtune {
+namespace {
+
+template <typename T>
+class CpuBackend final : public Backend {
+ public:
+  static constexpr DType kDType = sizeof(T) == 8 ? DType::F64 : DType::F32;
+
+  std::string name() const override { return "cpu"; }
+  DType act_dtype() const override { return kDType; }
+  DType master_dtype() const override { return kDType; }
+
+  void* allocate(size_t bytes) override {
+    void* ptr = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
+    if (!ptr && bytes) fail("cpu backend: out of host memory allocating {} bytes", bytes);
+    return ptr;
+  }
+  void release(void* ptr) override { std::free(ptr); }
+  void copy_from_host(void* dst, const void* src, size_t bytes) override { std::memcpy(dst, src, bytes); }
+  void copy_to_host(void* dst, const void* src, size_t bytes) override { std::memcpy(dst, src, bytes); }
+  void copy(void* dst, const void* src, size_t bytes) override { std::memcpy(dst, src, bytes); }
+  void fill_zero(void* dst, size_t bytes) override { std::memset(dst, 0, bytes); }
+  void synchronize() override {}
+
+  size_t linear_workspace_bytes(int64_t max_weight_numel, int64_t rows, int64_t max_rank) const override {
+    return static_cast<size_t>(max_weight_numel + rows * max_rank) * sizeof(T);
+  }
+  size_t scan_workspace_bytes(const ScanShape& s) const override {
+    return static_cast<size_t>(cpu::selective_scan_backward_workspace_size(cpu_shape(s))) * sizeof(T);
+  }
+
+  void embedding_forward(const int32_t* tokens, int64_t rows, const void* table, int64_t dim,
+                         void* out) override {
+    const T* tab = cast(table);
+    T* o = cast(out);
+    for (int64_t r = 0; r < rows; ++r) std::memcpy(o + r * dim, tab + int64_t(tokens[r]) * dim, dim * sizeof(T));
+  }
+  void rmsnorm_forward(const void* x, const void* weight, void* y, void* rstd, int64_t rows, int64_t dim,
+                       double eps) override {
+    cpu::rmsnorm_forward<T>(cast(x), cast(weight), cast(y), cast(rstd), rows, dim, static_cast<T>(eps));
+  }
+  void rmsnorm_backward(const void* x, const void* weight, const void* rstd, const void* dy, void* dx,
+                        int64_t rows, int64_t dim) override {
+    cpu::rmsnorm_backward<T>(cast(x), cast(weight), cast(rstd), cast(dy), cast(dx), nullptr, rows, dim);
+  }
+  void add_to_residual(void* residual, const void* delta, int64_t n) override {
+    T* r = cast(residual);
+    const T* d = cast(delta);
+    for (int64_t i = 0; i < n; ++i) r[i] += d[i];
+  }
+  void master_to_act(const void* src, void* dst, int64_t n) override {
+    if (src != dst) std::memcpy(dst, src, n * sizeof(T));
+  }
+
+  void linear_forward(const LinearOp& op, const void* x, int64_t ldx, int64_t rows, void* y, int64_t ldy,
+                      void* lora_h, void* workspace) override {
+    const Nf4Weight& w = *op.base;
+    T* weight = cast(workspace);
+    dequantize(w, weight);
+    cpu::gemm<T>(false, true, rows, w.out_features, w.in_features, T(1), cast(x), ldx, weight, w.in_features,
+                 T(0), cast(y), ldy);
+    if (op.lora)
+      cpu::lora_forward<T>(lora_dims(op, rows), cast(x), ldx, cast(op.lora->A), cast(op.lora->B),
+                           static_cast<T>(op.lora->scale), dropout(*op.lora), cast(lora_h), cast(y), ldy);
+  }
+  void linear_backward(const LinearOp& op, const void* x, int64_t ldx, int64_t rows, const void* dy,
+                       int64_t ldy, const void* lora_h, void* dx, int64_t lddx, bool accumulate_dx,
+                       void* workspace) override {
+    const Nf4Weight& w = *op.base;
+    T* weight = cast(workspace);
+    dequantize(w, weight);
+    cpu::gemm<T>(false, false, rows, w.in_features, w.out_features, T(1), cast(dy), ldy, weight,
+                 w.in_features, accumulate_dx ? T(1) : T(0), cast(dx), lddx);
+    if (op.lora) {
+      T* dh = weight + w.out_features * w.in_features;
+      cpu::lora_backward<T>(lora_dims(op, rows), cast(x), ldx, cast(op.lora->A), cast(op.lora->B),
+                            static_cast<T>(op.lora->scale), dropout(*op.lora), cast(lora_h), cast(dy), ldy,
+                            cast(op.lora->dA), cast(op.lora->dB), cast(dx), lddx, dh);
+    }
+  }
+
+  void conv1d_silu_forward(const void* x, int64_t ldx, const void* weight, const void* bias, void* u,
+                           int64_t batch, int64_t len, int64_t dim, int64_t kernel) override {
+    cpu::causal_conv1d_silu_forward<T>(cast(x), ldx, cast(weight), cast(bias), cast(u), batch, len, dim, kernel);
+  }
+  void conv1d_silu_backward(const void* x, int64_t ldx, const void* weight, const void* bias, const void* du,
+                            void* dx, int64_t lddx, int64_t batch, int64_t len, int64_t dim,
+                            int64_t kernel) override {
+    cpu::causal_conv1d_silu_backward<T>(cast(x), ldx, cast(weight), cast(bias), cast(du), cast(dx), lddx,
+                                        nullptr, nullptr, batch, len, dim, kernel);
+  }
+
+  void selective_scan_forward(const ScanShape& s, const void* u, const void* delta, const void* delta_bias,
+                              const void* A, const void* B, const void* C, int64_t bc_stride, const void* Dskip,
+                              const void* z, int64_t z_stride, void* out, void* chunk_states) override {
+    cpu::selective_scan_forward<T>(cpu_shape(s), cast(u), cast(delta), cast(delta_bias), cast(A), cast(B),
+                                   cast(C), bc_stride, cast(Dskip), cast(z), z_stride, cast(out),
+                                   cast(chunk_states));
+  }
+  void selective_scan_backward(const ScanShape& s, const void* u, const void* delta, const void* delta_bias,
+                               const void* A, const void* B, const void* C, int64_t bc_stride,
+                               const void* Dskip, const void* z, int64_t z_stride, const void* chunk_states,
+                               const void* dout, void* du, void* ddelta, void* dB, void* dC, void* dz,
+                               void* workspace) override {
+    cpu::selective_scan_backward<T>(cpu_shape(s), cast(u), cast(delta), cast(delta_bias), cast(A), cast(B),
+                                    cast(C), bc_stride, cast(Dskip), cast(z), z_stride, cast(chunk_states),
+                                    cast(dout), cast(du), cast(ddelta), cast(dB), cast(dC), cast(dz), nullptr,
+                                    nullptr, nullptr, cast(workspace));
+  }
+
+  double cross_entropy(const void* h, const void* table, int64_t rows, int64_t dim, int64_t vocab,
+                       const int32_t* targets, const void* weights, double grad_scale, void* dh,
+                       void* logits_workspace, int64_t slice_rows) override {
+    return cpu::cross_entropy_forward_backward<T>(cast(h), cast(table), rows, dim, vocab, targets, cast(weights),
+                                                  static_cast<T>(grad_scale), cast(dh), cast(logits_workspace),
+                                                  slice_rows);
+  }
+
+  double sum_of_squares(const void* x, int64_t n) override { return cpu::sum_of_squares<T>(cast(x), n); }
+  void scale(void* x, int64_t n, double factor) override { cpu::scale<T>(cast(x), n, factor); }
+  void adamw_update(void* params, const void* grads, void* m, void* v, int64_t n, double lr, double beta1,
+                    double beta2, double eps, double weight_decay, double bc1, double bc2) override {
+    cpu::adamw_update<T>(cast(params), cast(grads), cast(m), cast(v), n, lr, beta1, beta2, eps, weight_decay,
+                         bc1, bc2);
+  }
+
+ private:
+  static T* cast(void* p) { return static_cast<T*>(p); }
+  static const T* cast(const void* p) { return static_cast<const T*>(p); }
+  static cpu::SelectiveScanShape cpu_shape(const ScanShape& s) {
+    return {s.batch, s.len, s.dim, s.state, s.chunk_len};
+  }
+  static cpu::LoraDims lora_dims(const LinearOp& op, int64_t rows) {
+    return {rows, op.base->in_features, op.base->out_features, op.lora->rank};
+  }
+  static cpu::LoraDropout dropout(const LoraPath& lora) {
+    return {lora.dropout, lora.dropout_seed, lora.dropout_stream};
+  }
+  static void dequantize(const Nf4Weight& w, T* out) {
+    cpu::nf4_dequantize<T>(w.packed, w.absmax_codes, w.nested_absmax, w.nested_offset,
+                           w.out_features * w.in_features, out);
+  }
+};
+
+}  // namespace
+
+std::unique_ptr<Backend> make_cpu_backend(DType scalar) {
+  if (scalar == DType::F32) return std::make_unique<CpuBackend<float>>();
+  if (scalar == DType::F64) return std::make_unique<CpuBackend<double>>();
+  throw std::invalid_argument("make_cpu_backend: scalar must be F32 or F64");
+}
+
+}  // namespace ssmtune

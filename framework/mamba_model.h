@@ -1,0 +1,58 @@
+// The frozen Mamba-1 base model as HF MambaForCausalLM defines it (REFERENCE.md §1), held on a backend:
+// the four linear projections of every mixer in NF4, everything else in 16/32-bit.
+#pragma once
+#include <array>
+#include <filesystem>
+#include <string_view>
+#include <vector>
+
+#include "framework/arena.h"
+#include "framework/backend.h"
+#include "framework/mamba_config.h"
+
+namespace ssmtune {
+
+enum class Projection { in_proj = 0, x_proj = 1, dt_proj = 2, out_proj = 3 };
+inline constexpr std::array<Projection, 4> kProjections{Projection::in_proj, Projection::x_proj,
+                                                        Projection::dt_proj, Projection::out_proj};
+std::string_view projection_name(Projection p);
+// [out, in] of a projection for this config.
+std::array<int64_t, 2> projection_shape(const MambaConfig& config, Projection p);
+
+struct MambaLayerWeights {
+  const void* norm_weight = nullptr;  // master [d_model]
+  const void* conv_weight = nullptr;  // master [d_inner, conv_kernel]
+  const void* conv_bias = nullptr;    // master [d_inner]
+  const void* A = nullptr;            // master [d_inner, d_state], -exp(A_log)
+  const void* D = nullptr;            // master [d_inner]
+  const void* dt_bias = nullptr;      // master [d_inner]
+  std::array<Nf4Weight, 4> proj;      // indexed by Projection
+};
+
+class MambaWeights {
+ public:
+  // Loads config.json + model.safetensors from an HF directory, quantizing the projections to NF4.
+  static MambaWeights load(const std::filesystem::path& dir, Backend& backend);
+
+  const MambaConfig& config() const { return config_; }
+  const void* embedding() const { return embedding_; }  // act [vocab, d_model]
+  const void* lm_head() const { return lm_head_; }      // act [vocab, d_model]; the embedding when tied
+  const void* norm_f() const { return norm_f_; }        // master [d_model]
+  const MambaLayerWeights& layer(int64_t i) const { return layers_[i]; }
+  size_t bytes() const { return arena_.bytes(); }
+
+ private:
+  MambaWeights(Backend& backend, MambaConfig config);
+  MambaConfig config_;
+  Arena arena_;
+  const void* embedding_ = nullptr;
+  const void* lm_head_ = nullptr;
+  const void* norm_f_ = nullptr;
+  std::vector<MambaLayerWeights> layers_;
+};
+
+// Writes a randomly initialised base model (config.json + model.safetensors, F32) the way HF's
+// MambaPreTrainedModel initialises one, for demos, tests and benchmarks.
+void write_random_mamba(const std::filesystem::path& dir, const MambaConfig& config, uint64_t seed);
+
+}  // namespace ssmtune

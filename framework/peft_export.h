@@ -1,0 +1,14 @@
+// Export of a training checkpoint as a PEFT LoRA adapter (REFERENCE.md §4): adapter_config.json and
+// adapter_model.safetensors that `PeftModel.from_pretrained` loads.
+#pragma once
+#include <filesystem>
+#include <string>
+#include <vector>
+
+namespace ssmtune {
+
+// Writes the adapter into out_dir and returns warnings for the user (e.g. targets PEFT refuses).
+std::vector<std::string> export_peft_adapter(const std::filesystem::path& checkpoint_dir,
+                                             const std::filesystem::path& out_dir);
+
+}  // namespace ssmtune

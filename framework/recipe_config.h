@@ -1,0 +1,38 @@
+// A training recipe: a YAML file plus `dotted.key=value` overrides from the command line (torchtune's
+// syntax). Every key is known here; an unknown one is an error naming it and the file.
+#pragma once
+#include <cstdint>
+#include <filesystem>
+#include <string>
+#include <vector>
+
+#include "framework/lora.h"
+#include "framework/optimizer.h"
+#include "framework/train_step.h"
+
+namespace ssmtune {
+
+struct RecipeConfig {
+  std::string source;              // the YAML file, for messages
+  std::string device = "auto";     // auto, cpu or cuda
+  std::filesystem::path model_path;
+  std::filesystem::path data_path;
+  LoraConfig lora;
+  OptimizerConfig optimizer;
+  StepShape step;                  // batch, seq_len and memory options
+  int64_t grad_accum = 1;
+  int64_t max_steps = 100;
+  int64_t save_every = 0;          // 0: only at the end
+  int64_t log_every = 1;
+  uint64_t seed = 0;
+  std::filesystem::path output_dir;
+  bool resume = false;
+  std::string resolved_yaml;       // the whole recipe after overrides, saved with checkpoints
+};
+
+RecipeConfig load_recipe(const std::filesystem::path& yaml_file, const std::vector<std::string>& overrides);
+// The same from YAML text (source names it in messages).
+RecipeConfig parse_recipe(const std::string& yaml_text, const std::string& source,
+                          const std::vector<std::string>& overrides);
+
+}  // namespace ssmtune

@@ -1,0 +1,94 @@
+// One micro-batch of QLoRA training: the forward through embeddings, layers, final norm and the sliced
+// LM-head loss, then the hand-written backward, layer by layer in reverse, accumulating adapter
+// gradients. Memory is planned once in the constructor (framework/arena.h): with recompute each layer
+// keeps only its input (the residual stream) and re-runs its forward in the backward; without, every
+// layer keeps its activations. The selective scan keeps only chunk-boundary states either way.
+#pragma once
+#include <array>
+#include <cstdint>
+#include <vector>
+
+#include "framework/arena.h"
+#include "framework/lora.h"
+#include "framework/mamba_model.h"
+
+namespace ssmtune {
+
+struct StepShape {
+  int64_t batch = 1;
+  int64_t seq_len = 128;
+  int64_t scan_chunk = 256;       // tokens per selective-scan chunk
+  bool recompute = true;          // layer-level recomputation
+  int64_t loss_slice_rows = 1024; // tokens per LM-head slice
+};
+
+class TrainStep {
+ public:
+  TrainStep(Backend& backend, const MambaWeights& weights, LoraAdapters& adapters, const StepShape& shape);
+
+  // tokens: host [batch, seq_len+1]; target_mask: host [batch, seq_len], mask of tokens[:, 1:].
+  // Adds grad_scale * d(sum of masked token losses)/d(adapters) to the adapter gradients and returns
+  // the sum of masked token losses. dropout_stream identifies this micro-batch (e.g. step and index).
+  double forward_backward(const uint32_t* tokens, const uint8_t* target_mask, double grad_scale,
+                          uint64_t dropout_seed, uint64_t dropout_stream);
+  // The same loss without gradients (evaluation).
+  double forward_loss(const uint32_t* tokens, const uint8_t* target_mask);
+
+  const StepShape& shape() const { return shape_; }
+  size_t activation_bytes() const { return arena_.bytes(); }
+
+ private:
+  struct LayerActivations {
+    void* hn = nullptr;      // act [T, d_model]   normed layer input
+    void* rstd = nullptr;    // master [T]
+    void* xz = nullptr;      // act [T, 2*d_inner] in_proj output: x | z
+    void* u = nullptr;       // act [T, d_inner]   conv + SiLU
+    void* xdbl = nullptr;    // act [T, R + 2N]    x_proj output: dt_r | B | C
+    void* dt = nullptr;      // act [T, d_inner]   dt_proj output (before bias and softplus)
+    void* y = nullptr;       // act [T, d_inner]   gated scan output
+    void* states = nullptr;  // master [batch, chunks, d_inner, N]
+    std::array<void*, 4> lora_h{};  // act [T, rank] per projection
+  };
+
+  void upload_batch(const uint32_t* tokens, const uint8_t* target_mask);
+  void forward_layers(uint64_t dropout_seed, uint64_t dropout_stream);
+  bool dropout_enabled_ = true;  // off for evaluation
+  void layer_forward(int64_t i, LayerActivations& a, uint64_t dropout_seed, uint64_t dropout_stream);
+  void layer_backward(int64_t i, LayerActivations& a, uint64_t dropout_seed, uint64_t dropout_stream);
+  LinearOp linear(int64_t layer, Projection p, LoraPath& storage, uint64_t seed, uint64_t stream) const;
+  LayerActivations& activations(int64_t layer);
+  void* act_at(void* base, int64_t elements) const;
+
+  Backend& backend_;
+  const MambaWeights& weights_;
+  LoraAdapters& adapters_;
+  StepShape shape_;
+  int64_t rows_;  // T = batch * seq_len
+  Arena arena_;
+
+  std::vector<void*> residual_;              // master [T, d_model], n_layer + 1 of them
+  std::vector<LayerActivations> layer_acts_; // n_layer, or one shared when recomputing
+  void* mixer_out_ = nullptr;                // act [T, d_model]
+  void* final_normed_ = nullptr;             // act [T, d_model]
+  void* final_rstd_ = nullptr;               // master [T]
+  int32_t* inputs_ = nullptr;                // [T]
+  int32_t* targets_ = nullptr;               // [T]
+  void* loss_weights_ = nullptr;             // act [T]
+  // gradients (shared by all layers)
+  void* d_residual_ = nullptr;               // master [T, d_model]
+  void* d_act_model_ = nullptr;              // act [T, d_model]: d mixer output, then d normed input
+  void* d_xz_ = nullptr;                     // act [T, 2*d_inner]
+  void* d_u_ = nullptr;                      // act [T, d_inner]
+  void* d_xdbl_ = nullptr;                   // act [T, R + 2N]
+  void* d_dt_ = nullptr;                     // act [T, d_inner]
+  void* d_y_ = nullptr;                      // act [T, d_inner]
+  // workspaces
+  void* linear_workspace_ = nullptr;
+  void* scan_workspace_ = nullptr;
+  void* logits_workspace_ = nullptr;         // act [loss_slice_rows, vocab]
+  std::vector<int32_t> host_inputs_, host_targets_;
+  std::vector<double> host_weights_;
+  std::vector<std::byte> host_weights_encoded_;
+};
+
+}  // namespace ssmtune

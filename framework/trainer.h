@@ -1,0 +1,25 @@
+// The training loop of the `train` recipe: setup (backend, base model, adapters, data, memory plans),
+// steps of gradient accumulation, clipping and AdamW, logging to <output_dir>/metrics.jsonl, and
+// checkpoints; resume continues from the newest complete checkpoint exactly.
+#pragma once
+#include <memory>
+
+#include "distributed/process_group.h"
+#include "framework/backend.h"
+#include "framework/recipe_config.h"
+
+namespace ssmtune {
+
+// The backend a recipe's `device` asks for (auto: CUDA when built and a GPU is present, else CPU).
+std::unique_ptr<Backend> make_backend(const std::string& device);
+
+struct TrainingSummary {
+  int64_t first_step = 0;  // the step training started from (non-zero after resume)
+  int64_t last_step = 0;
+  double first_loss = 0, last_loss = 0;
+  double tokens_per_second = 0;  // over the whole run
+};
+
+TrainingSummary run_training(const RecipeConfig& recipe, const ProcessGroup& group);
+
+}  // namespace ssmtune
