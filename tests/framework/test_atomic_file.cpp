@@ -7,6 +7,7 @@
 
 #include "framework/error.h"
 #include "tests/catch.h"
+#include "tests/framework/error_message.h"
 #include "tests/framework/scratch_dir.h"
 
 using ssmtune::read_text_file;
@@ -24,18 +25,8 @@ std::vector<std::string> directory_listing(const std::filesystem::path& director
   return names;
 }
 
-// The message of the ssmtune::Error thrown by f, or "" when none is thrown.
-template <typename F>
-std::string error_message(F&& f) {
-  try {
-    f();
-  } catch (const ssmtune::Error& e) {
-    return e.what();
-  }
-  return "";
-}
-
-bool contains(const std::string& text, const std::string& part) { return text.find(part) != std::string::npos; }
+using ssmtune::test::contains;
+using ssmtune::test::error_message;
 
 }  // namespace
 

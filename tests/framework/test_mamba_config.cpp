@@ -5,6 +5,7 @@
 
 #include "framework/error.h"
 #include "tests/catch.h"
+#include "tests/framework/error_message.h"
 #include "tests/framework/scratch_dir.h"
 
 using namespace ssmtune;
@@ -12,6 +13,9 @@ using nlohmann::json;
 using ssmtune::test::ScratchDir;
 
 namespace {
+
+using test::contains;
+using test::error_message;
 
 // state-spaces/mamba-130m-hf's config.json as published (transformers 4.39).
 const char* kMamba130mHf = R"({
@@ -28,17 +32,6 @@ const char* kMamba130mHf = R"({
 
 json minimal() { return {{"model_type", "mamba"}, {"hidden_size", 64}, {"num_hidden_layers", 2}, {"vocab_size", 100}}; }
 
-template <typename F>
-std::string error_message(F&& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
-
-bool contains(const std::string& text, const std::string& part) { return text.find(part) != std::string::npos; }
 
 }  // namespace
 

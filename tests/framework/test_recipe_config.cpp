@@ -2,6 +2,7 @@
 #include "framework/error.h"
 #include "framework/recipe_config.h"
 #include "tests/catch.h"
+#include "tests/framework/error_message.h"
 
 using namespace ssmtune;
 
@@ -17,12 +18,7 @@ train:
 )";
 
 std::string error_of(const std::string& yaml, std::vector<std::string> overrides = {}) {
-  try {
-    parse_recipe(yaml, "recipe.yaml", overrides);
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
+  return test::error_message([&] { parse_recipe(yaml, "recipe.yaml", overrides); });
 }
 
 }  // namespace

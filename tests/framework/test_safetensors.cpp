@@ -10,12 +10,16 @@
 #include "framework/atomic_file.h"
 #include "framework/error.h"
 #include "tests/catch.h"
+#include "tests/framework/error_message.h"
 #include "tests/framework/scratch_dir.h"
 
 using namespace ssmtune;
 using ssmtune::test::ScratchDir;
 
 namespace {
+
+using test::contains;
+using test::error_message;
 
 // Writes a file by hand: the declared header length (the real one unless given), the header, then
 // `data_bytes` zero bytes.
@@ -29,17 +33,6 @@ void write_raw(const std::filesystem::path& path, const std::string& header, siz
   std::ofstream(path, std::ios::binary) << bytes;
 }
 
-template <typename F>
-std::string error_message(F&& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
-
-bool contains(const std::string& text, const std::string& part) { return text.find(part) != std::string::npos; }
 
 template <typename T>
 std::vector<std::byte> bytes_of(const std::vector<T>& values) {
