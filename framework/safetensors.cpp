@@ -284,27 +284,18 @@ void SafetensorsWriter::add(std::string name, DType dtype, std::vector<int64_t> 
 }
 
 void SafetensorsWriter::add_float_as(std::string name, DType dtype, std::vector<int64_t> shape, const float* data) {
-  size_t n = writer_element_count(name, shape);
-  switch (dtype) {
-    case DType::F32:
-      add(std::move(name), dtype, std::move(shape), data);
-      return;
-    case DType::F64: {
-      std::vector<double> converted(data, data + n);
-      add(std::move(name), dtype, std::move(shape), converted.data());
-      return;
-    }
-    case DType::BF16:
-    case DType::F16: {
-      std::vector<uint16_t> converted(n);
-      for (size_t i = 0; i < n; ++i)
-        converted[i] = dtype == DType::BF16 ? float_to_bf16(data[i]) : float_to_f16(data[i]);
-      add(std::move(name), dtype, std::move(shape), converted.data());
-      return;
-    }
-    default:
-      fail("safetensors writer: tensor '{}': cannot store float data as {}", name, dtype_name(dtype));
+  const size_t n = writer_element_count(name, shape);
+  if (dtype == DType::F32) {
+    add(std::move(name), dtype, std::move(shape), data);
+    return;
   }
+  if (dtype != DType::F64 && dtype != DType::BF16 && dtype != DType::F16)
+    fail("safetensors writer: tensor '{}': cannot store float data as {}", name, dtype_name(dtype));
+  // Widening to double is exact, so convert_from_double rounds each value as a float-to-dtype cast would.
+  const std::vector<double> widened(data, data + n);
+  std::vector<std::byte> converted(n * dtype_size(dtype));
+  convert_from_double(widened.data(), n, dtype, converted.data());
+  add(std::move(name), dtype, std::move(shape), converted.data());
 }
 
 void SafetensorsWriter::set_metadata(std::string key, std::string value) { metadata_[std::move(key)] = std::move(value); }
