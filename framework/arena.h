@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "framework/backend.h"
+#include "framework/error.h"
 
 namespace ssmtune {
 
@@ -37,8 +38,14 @@ class Arena {
     bytes_ += (bytes + kAlignment - 1) / kAlignment * kAlignment;
   }
 
+  // An allocation failure names the plan and its size.
   void allocate() {
-    base_ = static_cast<std::byte*>(backend_->allocate(bytes_));
+    try {
+      base_ = static_cast<std::byte*>(backend_->allocate(bytes_));
+    } catch (const std::exception& e) {
+      throw Error(name_ + " (" + std::to_string(slots_.size()) + " buffers, " + std::to_string(bytes_ >> 20) +
+                  " MiB in all): " + e.what());
+    }
     backend_->fill_zero(base_, bytes_);
     for (const Slot& s : slots_) *s.target = base_ + s.offset;
   }

@@ -7,8 +7,10 @@
 // Every op documents which role each argument has; shapes are explicit. No op allocates: scratch comes
 // from the caller's memory plan.
 #pragma once
+#include <array>
 #include <cstddef>
 #include <cstdint>
+#include <span>
 #include <string>
 
 #include "framework/dtype.h"
@@ -63,23 +65,33 @@ class Backend {
   virtual void fill_zero(void* dst, size_t bytes) = 0;
   virtual void synchronize() = 0;
 
-  // Scratch (act elements) that linear_forward/linear_backward need for the largest weight given.
-  virtual size_t linear_workspace_bytes(int64_t max_weight_numel, int64_t rows, int64_t max_rank) const = 0;
+  // Bytes currently allocated through allocate() (the memory plans: weights, adapters, activations).
+  virtual size_t allocated_bytes() const = 0;
+
+  // Scratch that linear_forward/linear_backward need for any of these [out, in] weights applied to
+  // `rows` rows with adapters of up to max_rank.
+  virtual size_t linear_workspace_bytes(std::span<const std::array<int64_t, 2>> weight_shapes, int64_t rows,
+                                        int64_t max_rank) const = 0;
   virtual size_t scan_workspace_bytes(const ScanShape& shape) const = 0;
+  virtual size_t cross_entropy_workspace_bytes(int64_t rows, int64_t slice_rows, int64_t vocab) const = 0;
+
+  // NF4-quantizes a host fp32 weight of numel elements (REFERENCE.md §3) into device buffers of
+  // cpu::nf4_sizes(numel); the second-level offset comes back to the host. Used while loading.
+  virtual void nf4_quantize(const float* host_weight, int64_t numel, uint8_t* packed, uint8_t* absmax_codes,
+                            float* nested_absmax, float* nested_offset) = 0;
 
   // out[r] (master) = table[tokens[r]] (act)
   virtual void embedding_forward(const int32_t* tokens, int64_t rows, const void* table, int64_t dim,
                                  void* out) = 0;
-  // y (act) = rmsnorm(x (master)) * weight (master, may be null); rstd (master) [rows] saved.
-  virtual void rmsnorm_forward(const void* x, const void* weight, void* y, void* rstd, int64_t rows,
-                               int64_t dim, double eps) = 0;
-  // dx (master) += d rmsnorm / dx · dy (act)
+  // The residual add fused with the next norm. Without add: y (act) = rmsnorm(x (master)) * weight
+  // (master, may be null). With add (act): x_out (master) = x + add, then y = rmsnorm(x_out) * weight.
+  // rstd (master) [rows] is saved for the backward.
+  virtual void rmsnorm_forward(const void* x, const void* add, void* x_out, const void* weight, void* y,
+                               void* rstd, int64_t rows, int64_t dim, double eps) = 0;
+  // dx (master) += d rmsnorm / dx · dy (act); then dx_act (act, may be null) = dx, the gradient that
+  // flows into the previous layer's mixer output through the residual add.
   virtual void rmsnorm_backward(const void* x, const void* weight, const void* rstd, const void* dy,
-                                void* dx, int64_t rows, int64_t dim) = 0;
-  // residual (master) += delta (act)
-  virtual void add_to_residual(void* residual, const void* delta, int64_t n) = 0;
-  // dst (act) = src (master)
-  virtual void master_to_act(const void* src, void* dst, int64_t n) = 0;
+                                void* dx, void* dx_act, int64_t rows, int64_t dim) = 0;
 
   // y[rows, out] (act, row stride ldy) = x[rows, in] (act, row stride ldx) · Wᵀ + LoRA path.
   // lora_h (act) [rows, rank] keeps A(dropout(x)) for the backward.

@@ -1,8 +1,10 @@
 #include "framework/cpu_backend.h"
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <stdexcept>
+#include <unordered_map>
 
 #include "framework/error.h"
 #include "kernels/cpu/adamw.h"
@@ -27,22 +29,45 @@ class CpuBackend final : public Backend {
   DType master_dtype() const override { return kDType; }
 
   void* allocate(size_t bytes) override {
-    void* ptr = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
+    const size_t rounded = (bytes + 63) / 64 * 64;
+    void* ptr = std::aligned_alloc(64, rounded);
     if (!ptr && bytes) fail("cpu backend: out of host memory allocating {} bytes", bytes);
+    sizes_[ptr] = rounded;
+    allocated_ += rounded;
     return ptr;
   }
-  void release(void* ptr) override { std::free(ptr); }
+  void release(void* ptr) override {
+    if (!ptr) return;
+    auto it = sizes_.find(ptr);
+    allocated_ -= it->second;
+    sizes_.erase(it);
+    std::free(ptr);
+  }
   void copy_from_host(void* dst, const void* src, size_t bytes) override { std::memcpy(dst, src, bytes); }
   void copy_to_host(void* dst, const void* src, size_t bytes) override { std::memcpy(dst, src, bytes); }
   void copy(void* dst, const void* src, size_t bytes) override { std::memcpy(dst, src, bytes); }
   void fill_zero(void* dst, size_t bytes) override { std::memset(dst, 0, bytes); }
   void synchronize() override {}
 
-  size_t linear_workspace_bytes(int64_t max_weight_numel, int64_t rows, int64_t max_rank) const override {
-    return static_cast<size_t>(max_weight_numel + rows * max_rank) * sizeof(T);
+  size_t allocated_bytes() const override { return allocated_; }
+
+  // The dequantized weight, then dh of the LoRA backward.
+  size_t linear_workspace_bytes(std::span<const std::array<int64_t, 2>> weight_shapes, int64_t rows,
+                                int64_t max_rank) const override {
+    int64_t max_weight = 0;
+    for (const auto& [out, in] : weight_shapes) max_weight = std::max(max_weight, out * in);
+    return static_cast<size_t>(max_weight + rows * max_rank) * sizeof(T);
   }
   size_t scan_workspace_bytes(const ScanShape& s) const override {
     return static_cast<size_t>(cpu::selective_scan_backward_workspace_size(cpu_shape(s))) * sizeof(T);
+  }
+  size_t cross_entropy_workspace_bytes(int64_t, int64_t slice_rows, int64_t vocab) const override {
+    return static_cast<size_t>(slice_rows * vocab) * sizeof(T);
+  }
+
+  void nf4_quantize(const float* host_weight, int64_t numel, uint8_t* packed, uint8_t* absmax_codes,
+                    float* nested_absmax, float* nested_offset) override {
+    cpu::nf4_quantize(host_weight, numel, packed, absmax_codes, nested_absmax, nested_offset);
   }
 
   void embedding_forward(const int32_t* tokens, int64_t rows, const void* table, int64_t dim,
@@ -51,21 +76,21 @@ class CpuBackend final : public Backend {
     T* o = cast(out);
     for (int64_t r = 0; r < rows; ++r) std::memcpy(o + r * dim, tab + int64_t(tokens[r]) * dim, dim * sizeof(T));
   }
-  void rmsnorm_forward(const void* x, const void* weight, void* y, void* rstd, int64_t rows, int64_t dim,
-                       double eps) override {
-    cpu::rmsnorm_forward<T>(cast(x), cast(weight), cast(y), cast(rstd), rows, dim, static_cast<T>(eps));
+  void rmsnorm_forward(const void* x, const void* add, void* x_out, const void* weight, void* y, void* rstd,
+                       int64_t rows, int64_t dim, double eps) override {
+    const T* normed_input = cast(x);
+    if (add) {
+      const T* a = cast(add);
+      T* out = cast(x_out);
+      for (int64_t i = 0; i < rows * dim; ++i) out[i] = normed_input[i] + a[i];
+      normed_input = out;
+    }
+    cpu::rmsnorm_forward<T>(normed_input, cast(weight), cast(y), cast(rstd), rows, dim, static_cast<T>(eps));
   }
-  void rmsnorm_backward(const void* x, const void* weight, const void* rstd, const void* dy, void* dx,
+  void rmsnorm_backward(const void* x, const void* weight, const void* rstd, const void* dy, void* dx, void* dx_act,
                         int64_t rows, int64_t dim) override {
     cpu::rmsnorm_backward<T>(cast(x), cast(weight), cast(rstd), cast(dy), cast(dx), nullptr, rows, dim);
-  }
-  void add_to_residual(void* residual, const void* delta, int64_t n) override {
-    T* r = cast(residual);
-    const T* d = cast(delta);
-    for (int64_t i = 0; i < n; ++i) r[i] += d[i];
-  }
-  void master_to_act(const void* src, void* dst, int64_t n) override {
-    if (src != dst) std::memcpy(dst, src, n * sizeof(T));
+    if (dx_act) std::memcpy(dx_act, dx, static_cast<size_t>(rows * dim) * sizeof(T));
   }
 
   void linear_forward(const LinearOp& op, const void* x, int64_t ldx, int64_t rows, void* y, int64_t ldy,
@@ -141,6 +166,8 @@ class CpuBackend final : public Backend {
   }
 
  private:
+  size_t allocated_ = 0;
+  std::unordered_map<void*, size_t> sizes_;
   static T* cast(void* p) { return static_cast<T*>(p); }
   static const T* cast(const void* p) { return static_cast<const T*>(p); }
   static cpu::SelectiveScanShape cpu_shape(const ScanShape& s) {

@@ -2,6 +2,7 @@
 // the four linear projections of every mixer in NF4, everything else in 16/32-bit.
 #pragma once
 #include <array>
+#include <cstdint>
 #include <filesystem>
 #include <string_view>
 #include <vector>
@@ -29,10 +30,19 @@ struct MambaLayerWeights {
   std::array<Nf4Weight, 4> proj;      // indexed by Projection
 };
 
+// Where the weights come from, by tensor name: a safetensors checkpoint or the random initialisation
+// (mamba_model.cpp).
+class TensorSource;
+
 class MambaWeights {
  public:
-  // Loads config.json + model.safetensors from an HF directory, quantizing the projections to NF4.
+  // Loads config.json + model.safetensors from an HF directory, quantizing the projections to NF4
+  // through the backend. One allocation planned from the config, then one tensor at a time: host
+  // memory holds a single tensor, never the whole model.
   static MambaWeights load(const std::filesystem::path& dir, Backend& backend);
+  // What write_random_mamba(dir, config, seed) followed by load(dir, backend) gives, built in memory
+  // without touching the disk (for benchmarks of models whose fp32 checkpoint would take gigabytes).
+  static MambaWeights random(const MambaConfig& config, Backend& backend, uint64_t seed);
 
   const MambaConfig& config() const { return config_; }
   const void* embedding() const { return embedding_; }  // act [vocab, d_model]
@@ -43,6 +53,7 @@ class MambaWeights {
 
  private:
   MambaWeights(Backend& backend, MambaConfig config);
+  static MambaWeights from_source(MambaConfig config, const TensorSource& source, Backend& backend);
   MambaConfig config_;
   Arena arena_;
   const void* embedding_ = nullptr;

@@ -51,15 +51,12 @@ TrainStep::TrainStep(Backend& backend, const MambaWeights& weights, LoraAdapters
   arena_.add(&d_xdbl_, T * xdbl_cols * act);
   arena_.add(&d_dt_, T * D * act);
   arena_.add(&d_y_, T * D * act);
-  int64_t max_weight = 0;
-  for (Projection p : kProjections) {
-    const auto [out, in] = projection_shape(c, p);
-    max_weight = std::max(max_weight, out * in);
-  }
-  arena_.add(&linear_workspace_, backend.linear_workspace_bytes(max_weight, T, adapters.config().rank));
+  std::vector<std::array<int64_t, 2>> weight_shapes;
+  for (Projection p : kProjections) weight_shapes.push_back(projection_shape(c, p));
+  arena_.add(&linear_workspace_, backend.linear_workspace_bytes(weight_shapes, T, adapters.config().rank));
   arena_.add(&scan_workspace_, backend.scan_workspace_bytes(scan));
   const int64_t slice = std::min(shape.loss_slice_rows, T);
-  arena_.add(&logits_workspace_, slice * c.vocab_size * act);
+  arena_.add(&logits_workspace_, backend.cross_entropy_workspace_bytes(T, slice, c.vocab_size));
   arena_.allocate();
 
   host_inputs_.resize(static_cast<size_t>(T));
@@ -107,7 +104,8 @@ void TrainStep::upload_batch(const uint32_t* tokens, const uint8_t* target_mask)
   backend_.copy_from_host(loss_weights_, host_weights_encoded_.data(), host_weights_encoded_.size());
 }
 
-void TrainStep::layer_forward(int64_t i, LayerActivations& a, uint64_t seed, uint64_t stream) {
+void TrainStep::layer_forward(int64_t i, LayerActivations& a, bool add_previous_mixer, uint64_t seed,
+                              uint64_t stream) {
   const MambaConfig& c = weights_.config();
   const MambaLayerWeights& w = weights_.layer(i);
   const int64_t T = rows_, D = c.d_inner, R = c.dt_rank, N = c.d_state, xdbl_cols = R + 2 * N;
@@ -115,7 +113,13 @@ void TrainStep::layer_forward(int64_t i, LayerActivations& a, uint64_t seed, uin
   LoraPath lora;
   auto h = [&](Projection p) { return a.lora_h[static_cast<size_t>(p)]; };
 
-  backend_.rmsnorm_forward(residual_[i], w.norm_weight, a.hn, a.rstd, T, c.d_model, c.layer_norm_epsilon);
+  // residual i = residual i-1 + mixer output of layer i-1, fused with this layer's norm.
+  if (add_previous_mixer)
+    backend_.rmsnorm_forward(residual_[i - 1], mixer_out_, residual_[i], w.norm_weight, a.hn, a.rstd, T, c.d_model,
+                             c.layer_norm_epsilon);
+  else
+    backend_.rmsnorm_forward(residual_[i], nullptr, nullptr, w.norm_weight, a.hn, a.rstd, T, c.d_model,
+                             c.layer_norm_epsilon);
   backend_.linear_forward(linear(i, Projection::in_proj, lora, seed, stream), a.hn, c.d_model, T, a.xz, 2 * D,
                           h(Projection::in_proj), linear_workspace_);
   backend_.conv1d_silu_forward(a.xz, 2 * D, w.conv_weight, w.conv_bias, a.u, shape_.batch, shape_.seq_len, D,
@@ -130,7 +134,8 @@ void TrainStep::layer_forward(int64_t i, LayerActivations& a, uint64_t seed, uin
                           h(Projection::out_proj), linear_workspace_);
 }
 
-// Reads as layer_forward read backwards; d_residual_ holds d(residual i+1) on entry and d(residual i) on exit.
+// Reads as layer_forward read backwards. On entry d_residual_ holds d(residual i+1) and d_act_model_ the
+// same in act precision (the gradient of this layer's mixer output); on exit both hold d(residual i).
 void TrainStep::layer_backward(int64_t i, LayerActivations& a, uint64_t seed, uint64_t stream) {
   const MambaConfig& c = weights_.config();
   const MambaLayerWeights& w = weights_.layer(i);
@@ -139,8 +144,6 @@ void TrainStep::layer_backward(int64_t i, LayerActivations& a, uint64_t seed, ui
   LoraPath lora;
   auto h = [&](Projection p) { return a.lora_h[static_cast<size_t>(p)]; };
 
-  // residual i+1 = residual i + mixer(norm(residual i)): the mixer output's gradient is d(residual i+1).
-  backend_.master_to_act(d_residual_, d_act_model_, T * c.d_model);
   backend_.linear_backward(linear(i, Projection::out_proj, lora, seed, stream), a.y, D, T, d_act_model_,
                            c.d_model, h(Projection::out_proj), d_y_, D, false, linear_workspace_);
   backend_.selective_scan_backward(scan, a.u, a.dt, w.dt_bias, w.A, act_at(a.xdbl, R), act_at(a.xdbl, R + N),
@@ -154,20 +157,16 @@ void TrainStep::layer_backward(int64_t i, LayerActivations& a, uint64_t seed, ui
                                 shape_.seq_len, D, c.conv_kernel);
   backend_.linear_backward(linear(i, Projection::in_proj, lora, seed, stream), a.hn, c.d_model, T, d_xz_, 2 * D,
                            h(Projection::in_proj), d_act_model_, c.d_model, false, linear_workspace_);
-  backend_.rmsnorm_backward(residual_[i], w.norm_weight, a.rstd, d_act_model_, d_residual_, T, c.d_model);
+  backend_.rmsnorm_backward(residual_[i], w.norm_weight, a.rstd, d_act_model_, d_residual_, i > 0 ? d_act_model_ : nullptr,
+                            T, c.d_model);
 }
 
 void TrainStep::forward_layers(uint64_t seed, uint64_t stream) {
   const MambaConfig& c = weights_.config();
-  const int64_t n = rows_ * c.d_model;
   backend_.embedding_forward(inputs_, rows_, weights_.embedding(), c.d_model, residual_[0]);
-  for (int64_t i = 0; i < c.n_layer; ++i) {
-    layer_forward(i, activations(i), seed, stream);
-    backend_.copy(residual_[i + 1], residual_[i], n * dtype_size(backend_.master_dtype()));
-    backend_.add_to_residual(residual_[i + 1], mixer_out_, n);
-  }
-  backend_.rmsnorm_forward(residual_[c.n_layer], weights_.norm_f(), final_normed_, final_rstd_, rows_, c.d_model,
-                           c.layer_norm_epsilon);
+  for (int64_t i = 0; i < c.n_layer; ++i) layer_forward(i, activations(i), i > 0, seed, stream);
+  backend_.rmsnorm_forward(residual_[c.n_layer - 1], mixer_out_, residual_[c.n_layer], weights_.norm_f(),
+                           final_normed_, final_rstd_, rows_, c.d_model, c.layer_norm_epsilon);
 }
 
 double TrainStep::forward_backward(const uint32_t* tokens, const uint8_t* target_mask, double grad_scale,
@@ -181,10 +180,10 @@ double TrainStep::forward_backward(const uint32_t* tokens, const uint8_t* target
                                              targets_, loss_weights_, grad_scale, d_act_model_, logits_workspace_,
                                              std::min(shape_.loss_slice_rows, rows_));
   backend_.fill_zero(d_residual_, rows_ * c.d_model * dtype_size(backend_.master_dtype()));
-  backend_.rmsnorm_backward(residual_[c.n_layer], weights_.norm_f(), final_rstd_, d_act_model_, d_residual_, rows_,
-                            c.d_model);
+  backend_.rmsnorm_backward(residual_[c.n_layer], weights_.norm_f(), final_rstd_, d_act_model_, d_residual_,
+                            d_act_model_, rows_, c.d_model);
   for (int64_t i = c.n_layer - 1; i >= 0; --i) {
-    if (shape_.recompute) layer_forward(i, activations(i), seed, stream);
+    if (shape_.recompute) layer_forward(i, activations(i), false, seed, stream);
     layer_backward(i, activations(i), seed, stream);
   }
   return loss;

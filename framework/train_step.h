@@ -53,7 +53,10 @@ class TrainStep {
   void upload_batch(const uint32_t* tokens, const uint8_t* target_mask);
   void forward_layers(uint64_t dropout_seed, uint64_t dropout_stream);
   bool dropout_enabled_ = true;  // off for evaluation
-  void layer_forward(int64_t i, LayerActivations& a, uint64_t dropout_seed, uint64_t dropout_stream);
+  // add_previous_mixer: form residual i from residual i-1 and mixer_out_ first (the first forward);
+  // without it residual i is already there (layer 0, and recomputation in the backward).
+  void layer_forward(int64_t i, LayerActivations& a, bool add_previous_mixer, uint64_t dropout_seed,
+                     uint64_t dropout_stream);
   void layer_backward(int64_t i, LayerActivations& a, uint64_t dropout_seed, uint64_t dropout_stream);
   LinearOp linear(int64_t layer, Projection p, LoraPath& storage, uint64_t seed, uint64_t stream) const;
   LayerActivations& activations(int64_t layer);
@@ -85,7 +88,7 @@ class TrainStep {
   // workspaces
   void* linear_workspace_ = nullptr;
   void* scan_workspace_ = nullptr;
-  void* logits_workspace_ = nullptr;         // act [loss_slice_rows, vocab]
+  void* logits_workspace_ = nullptr;         // the LM head slices (Backend::cross_entropy_workspace_bytes)
   std::vector<int32_t> host_inputs_, host_targets_;
   std::vector<double> host_weights_;
   std::vector<std::byte> host_weights_encoded_;

@@ -11,6 +11,9 @@
 #include "framework/atomic_file.h"
 #include "framework/checkpoint.h"
 #include "framework/cpu_backend.h"
+#ifdef SSMTUNE_WITH_CUDA
+#include "framework/cuda_backend.h"
+#endif
 #include "framework/error.h"
 #include "framework/lora.h"
 #include "framework/mamba_model.h"
@@ -39,7 +42,15 @@ void reset_metrics(const fs::path& path, int64_t keep_up_to_step) {
 }  // namespace
 
 std::unique_ptr<Backend> make_backend(const std::string& device) {
-  if (device == "cuda") fail("device=cuda: this build of ssmtune has no CUDA backend yet; use device=cpu");
+  if (device == "cpu") return make_cpu_backend(DType::F32);
+#ifdef SSMTUNE_WITH_CUDA
+  if (cuda_device_count() > 0) return make_cuda_backend(0);
+  if (device == "cuda") fail("device=cuda: no CUDA device is visible on this machine; use device=cpu or auto");
+#else
+  if (device == "cuda")
+    fail("device=cuda: this build of ssmtune has no CUDA backend (nvcc was not found when it was configured); "
+         "use device=cpu or auto");
+#endif
   return make_cpu_backend(DType::F32);
 }
 

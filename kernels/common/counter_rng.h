@@ -4,11 +4,7 @@
 #pragma once
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define SSMTUNE_HD __host__ __device__ __forceinline__
-#else
-#define SSMTUNE_HD inline
-#endif
+#include "kernels/common/host_device.h"
 
 namespace ssmtune {
 

@@ -3,6 +3,9 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <vector>
+
+#include "kernels/common/dynamic_map_search.h"
 
 // What this matches in bitsandbytes (CUDA kernels kQuantizeBlockwise / kDequantizeBlockwise, the path
 // that produces the checkpoints people share), and where it cannot match bit for bit:
@@ -40,18 +43,18 @@ const float kNf4Code[16] = {-1.0f,
                             0.7229568362236023f,
                             1.0f};
 
-namespace {
-
-constexpr uint8_t kNf4ZeroNibble = 7;
-
 // The thresholds of bitsandbytes' dQuantizeNF4 tree, ascending: midpoints of adjacent codes, which
 // bitsandbytes writes as shortest round-trip double literals with an f suffix. For k = 0, 8, 12 and 14
 // the exact midpoint lies halfway between two floats and the literal rounds to the other one than
 // round-to-nearest-even of the exact midpoint would, so these are the literals' values.
-constexpr float kNf4Thresholds[15] = {
+const float kNf4Thresholds[15] = {
     -0.8480964004993439f,  -0.6106329262256622f,   -0.4599952697753906f, -0.33967943489551544f, -0.23460740596055984f,
     -0.13791173323988914f, -0.045525018125772476f, 0.03979014977812767f, 0.1202552504837513f,   0.2035212516784668f,
     0.2920137718319893f,   0.3893125355243683f,    0.5016634166240692f,  0.6427869200706482f,   0.8614784181118011f};
+
+namespace {
+
+constexpr uint8_t kNf4ZeroNibble = 7;
 
 // One point of torch.linspace(0.1, 1, steps, dtype=float32) as PyTorch's CPU kernel computes it: a
 // float step, the first half counted up from the start and the second half down from the end, each
@@ -126,44 +129,31 @@ uint8_t nf4_encode(float normalized) {
   return static_cast<uint8_t>(nibble);
 }
 
-uint8_t dynamic_map_encode(float normalized) {
-  // Seven halvings from the middle leave an even, untested candidate with x in
-  // (map[candidate-1], map[candidate+1]]; the last tested entries below and above are those
-  // neighbours, and the candidate wins unless x lies strictly beyond the fp32 midpoint towards one.
-  // A search that only ever goes down ends on candidate 0 with `below` still 0, so any x <= map[0]
-  // maps to 0; one that only goes up ends on 254 with `above` still 255.
-  const float* map = signed_dynamic_map();
-  int candidate = 127, below = 0, above = 255;
-  for (int step = 64; step > 0; step /= 2) {
-    if (normalized > map[candidate]) {
-      below = candidate;
-      candidate += step;
-    } else {
-      above = candidate;
-      candidate -= step;
-    }
+uint8_t dynamic_map_encode(float normalized) { return dynamic_map_search(normalized, signed_dynamic_map()); }
+
+float nf4_absmax_mean(const float* block_absmax, int64_t blocks) {
+  if (blocks == 0) return 0.0f;
+  constexpr int64_t kMeanChunks = 64;
+  double chunk_sums[kMeanChunks] = {};
+#pragma omp parallel for schedule(static) if (blocks > 4 * kNf4NestedBlockSize)
+  for (int64_t k = 0; k < kMeanChunks; ++k) {
+    const int64_t first = blocks * k / kMeanChunks, last = blocks * (k + 1) / kMeanChunks;
+    for (int64_t b = first; b < last; ++b) chunk_sums[k] += block_absmax[b];
   }
-  const float value = map[candidate];
-  if (normalized > value) return static_cast<uint8_t>(normalized > (map[above] + value) * 0.5f ? above : candidate);
-  return static_cast<uint8_t>(normalized < (map[below] + value) * 0.5f ? below : candidate);
+  double total = 0.0;
+  for (const double chunk_sum : chunk_sums) total += chunk_sum;
+  return static_cast<float>(total / static_cast<double>(blocks));
 }
 
 void nf4_quantize(const float* w, int64_t numel, uint8_t* packed, uint8_t* absmax_codes, float* nested_absmax,
                   float* nested_offset) {
   const Nf4Sizes sizes = nf4_sizes(numel);
 
-  // Pass 1: the mean of the block absmax, summed in double over a fixed split of the blocks into
-  // kMeanChunks ranges and then over the ranges in order, so it does not depend on the thread count.
-  constexpr int64_t kMeanChunks = 64;
-  double chunk_sums[kMeanChunks] = {};
+  // Pass 1: the block absmax values and their mean.
+  std::vector<float> absmax(static_cast<size_t>(sizes.blocks));
 #pragma omp parallel for schedule(static) if (sizes.blocks > 4 * kNf4NestedBlockSize)
-  for (int64_t k = 0; k < kMeanChunks; ++k) {
-    const int64_t first = sizes.blocks * k / kMeanChunks, last = sizes.blocks * (k + 1) / kMeanChunks;
-    for (int64_t b = first; b < last; ++b) chunk_sums[k] += block_absmax(w, numel, b);
-  }
-  double total = 0.0;
-  for (const double chunk_sum : chunk_sums) total += chunk_sum;
-  const float offset = sizes.blocks > 0 ? static_cast<float>(total / static_cast<double>(sizes.blocks)) : 0.0f;
+  for (int64_t b = 0; b < sizes.blocks; ++b) absmax[b] = block_absmax(w, numel, b);
+  const float offset = nf4_absmax_mean(absmax.data(), sizes.blocks);
   *nested_offset = offset;
 
   // Pass 2, one nested block at a time: quantize its centred absmax values, then pack its elements
@@ -171,18 +161,17 @@ void nf4_quantize(const float* w, int64_t numel, uint8_t* packed, uint8_t* absma
 #pragma omp parallel for schedule(static) if (sizes.nested_blocks > 4)
   for (int64_t c = 0; c < sizes.nested_blocks; ++c) {
     const int64_t first = c * kNf4NestedBlockSize, count = std::min(kNf4NestedBlockSize, sizes.blocks - first);
-    float absmax[kNf4NestedBlockSize], centred[kNf4NestedBlockSize];
+    float centred[kNf4NestedBlockSize];
     float nested = 0.0f;
     for (int64_t j = 0; j < count; ++j) {
-      absmax[j] = block_absmax(w, numel, first + j);
-      centred[j] = absmax[j] - offset;
+      centred[j] = absmax[first + j] - offset;
       nested = std::max(nested, std::fabs(centred[j]));
     }
     nested_absmax[c] = nested;
     const float inverse = nested > 0.0f ? 1.0f / nested : 0.0f;
     for (int64_t j = 0; j < count; ++j) {
       absmax_codes[first + j] = nested > 0.0f ? dynamic_map_encode(centred[j] * inverse) : 0;
-      pack_block(w, numel, first + j, absmax[j], packed);
+      pack_block(w, numel, first + j, absmax[first + j], packed);
     }
   }
 }

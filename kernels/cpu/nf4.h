@@ -32,8 +32,13 @@ struct Nf4Sizes {
 // numel must be even (two elements per byte); the last block may be partial.
 Nf4Sizes nf4_sizes(int64_t numel);
 
+// The 15 ascending decision thresholds between adjacent NF4 codes (fp32 midpoints as bitsandbytes
+// writes them; nf4.cpp says where they differ from the exact midpoints).
+extern const float kNf4Thresholds[15];
+
 // Nibble for a value already divided by its block's absmax: bitsandbytes' dQuantizeNF4 tree, which
-// sends x to the upper code only when x is strictly above the fp32 midpoint between the two codes.
+// sends x to the upper code only when x is strictly above the fp32 midpoint between the two codes,
+// i.e. the number of kNf4Thresholds strictly below x (0 for NaN).
 uint8_t nf4_encode(float normalized);
 
 // Index into signed_dynamic_map() for a value already divided by its block's absmax: the binary search
@@ -41,10 +46,16 @@ uint8_t nf4_encode(float normalized);
 // index.
 uint8_t dynamic_map_encode(float normalized);
 
+// The offset of the double quantization, mean_b A_b over `blocks` block absmax values: summed in
+// double over a fixed split of the blocks into 64 ranges, then over the ranges in order, and rounded
+// to fp32. The fixed order makes it independent of the thread count; the GPU quantizer calls this on
+// the absmax values it computed, so both give the same offset.
+float nf4_absmax_mean(const float* block_absmax, int64_t blocks);
+
 // Quantizes w (row-major flattened, numel even) with double quantization of the absmax. Outputs:
 // packed [numel/2], absmax_codes [blocks], nested_absmax [nested_blocks], *nested_offset.
-// Allocates nothing: the block absmax values are computed twice (once for their mean, once to
-// quantize) instead of being stored. The result does not depend on the thread count.
+// Holds the block absmax values (blocks floats) between its two passes. The result does not depend on
+// the thread count.
 void nf4_quantize(const float* w, int64_t numel, uint8_t* packed, uint8_t* absmax_codes, float* nested_absmax,
                   float* nested_offset);
 

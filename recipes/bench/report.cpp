@@ -1,0 +1,156 @@
+#include "recipes/bench/report.h"
+
+#include <fmt/format.h>
+
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "framework/error.h"
+#include "recipes/bench/peers.h"
+
+namespace ssmtune::bench {
+namespace {
+
+constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
+
+std::string or_dash(bool present, const std::string& text) { return present ? text : "-"; }
+
+// One line, however long the message: the table is read from the tail of the output.
+std::string first_line(const std::string& text, size_t width) {
+  std::string line = text.substr(0, text.find('\n'));
+  return line.size() > width ? line.substr(0, width - 3) + "..." : line;
+}
+
+template <typename T>
+nlohmann::json optional_json(const std::optional<T>& value) {
+  return value ? nlohmann::json(*value) : nlohmann::json(nullptr);
+}
+
+}  // namespace
+
+double KernelResult::fraction_of_ceiling(const Ceilings& c) const {
+  const double ceiling = bound == Bound::bytes ? c.copy_bytes_per_second() : c.gemm_flops_per_second();
+  return ceiling > 0 ? rate() / ceiling : 0;
+}
+
+void print_kernel_table(const Ceilings& c, const std::vector<KernelResult>& kernels) {
+  fmt::print("\n{:<32} {:>14} {:>14} {:>8}\n", "ceiling (this run)", "measured", "REFERENCE.md", "ratio");
+  const double copy = c.copy_bytes_per_second(), gemm = c.gemm_flops_per_second();
+  fmt::print("{:<32} {:>14} {:>14} {:>8}\n", "d2d copy 1 GiB (read+write)",
+             or_dash(copy > 0, fmt::format("{:.2f} TB/s", copy * 1e-12)),
+             fmt::format("{:.2f} TB/s", peers::kCopyBytesPerSecond * 1e-12),
+             or_dash(copy > 0, fmt::format("{:.2f}", copy / peers::kCopyBytesPerSecond)));
+  fmt::print("{:<32} {:>14} {:>14} {:>8}\n", "bf16 GEMM 8192^3 (cuda::Gemm)",
+             or_dash(gemm > 0, fmt::format("{:.0f} TFLOP/s", gemm * 1e-12)),
+             fmt::format("{:.0f} TFLOP/s", peers::kGemmFlopsPerSecond * 1e-12),
+             or_dash(gemm > 0, fmt::format("{:.2f}", gemm / peers::kGemmFlopsPerSecond)));
+  if (!c.error.empty()) fmt::print("ceiling errors: {}\n", first_line(c.error, 100));
+
+  fmt::print("\n{:<26} {:<24} {:>9} {:>12} {:>13} {:>6} {:>8} {:>9}\n", "kernel", "shape", "median_us",
+             "amount", "rate", "%ceil", "peer_us", "peer/ours");
+  for (const KernelResult& k : kernels) {
+    if (!k.error.empty()) {
+      fmt::print("{:<26} {:<24} FAILED: {}\n", k.name, k.shape, first_line(k.error, 70));
+      continue;
+    }
+    const bool bytes = k.bound == Bound::bytes;
+    const double fraction = k.fraction_of_ceiling(c);
+    fmt::print("{:<26} {:<24} {:>9.1f} {:>12} {:>13} {:>6} {:>8} {:>9}\n", k.name, k.shape, k.median_seconds * 1e6,
+               bytes ? fmt::format("{:.1f} MB", k.amount * 1e-6) : fmt::format("{:.1f} GFLOP", k.amount * 1e-9),
+               bytes ? fmt::format("{:.2f} TB/s", k.rate() * 1e-12) : fmt::format("{:.0f} TFLOP/s", k.rate() * 1e-12),
+               or_dash(fraction > 0, fmt::format("{:.0f}%", 100 * fraction)),
+               or_dash(k.peer_seconds.has_value(), fmt::format("{:.0f}", k.peer_seconds.value_or(0) * 1e6)),
+               or_dash(k.peer_seconds.has_value(), fmt::format("{:.2f}", k.peer_seconds.value_or(0) / k.median_seconds)));
+  }
+  fmt::print("(median of the timed repetitions, L2 flushed before each; amount: the minimum bytes moved, or the FLOPs;\n"
+             " %ceil: achieved rate over this run's copy or GEMM ceiling; peer/ours > 1: we are faster)\n");
+}
+
+void print_step_table(const std::vector<StepResult>& steps) {
+  fmt::print("\n{:<11} {:<7} {:>6} {:>9} {:>8} {:>8} {:>8} {:>9} {:>8} {:>7} {:>8} {:>6}\n", "model", "recomp",
+             "batch", "tokens/s", "step_ms", "plan_GiB", "used_GiB", "HF_tok/s", "ours/HF", "HF_GiB", "mem/HF",
+             "loss");
+  for (const StepResult& s : steps) {
+    if (!s.error.empty()) {
+      fmt::print("{:<11} {:<7} FAILED: {}\n", s.model, s.recompute ? "on" : "off", first_line(s.error, 90));
+      continue;
+    }
+    const double tokens = s.tokens_per_second(), used = static_cast<double>(s.in_use_bytes);
+    fmt::print("{:<11} {:<7} {:>6} {:>9.0f} {:>8.1f} {:>8.2f} {:>8.2f} {:>9} {:>8} {:>7} {:>8} {:>6.3f}\n", s.model,
+               s.recompute ? "on" : "off", fmt::format("{}x{}", s.batch, s.seq_len), tokens, s.median_seconds * 1e3,
+               static_cast<double>(s.planned_bytes) / kGiB, used / kGiB,
+               or_dash(s.hf_tokens_per_second.has_value(), fmt::format("{:.0f}", s.hf_tokens_per_second.value_or(0))),
+               or_dash(s.hf_tokens_per_second.has_value(),
+                       fmt::format("{:.2f}", tokens / s.hf_tokens_per_second.value_or(1))),
+               or_dash(s.hf_peak_bytes.has_value(), fmt::format("{:.1f}", s.hf_peak_bytes.value_or(0) / kGiB)),
+               or_dash(s.hf_peak_bytes.has_value(), fmt::format("{:.2f}", used / s.hf_peak_bytes.value_or(1))),
+               s.losses.empty() ? 0.0 : s.losses.back());
+  }
+  fmt::print("(used: cudaMemGetInfo total-free after the timed steps, CUDA context included; nothing allocates in a\n"
+             " step, so it is also the peak. HF: bf16 base, LoRA on in/x/dt_proj; ours: NF4 base, LoRA on all four.\n"
+             " loss: mean token loss of the last step, ln(50280) = 10.83 at random init)\n");
+}
+
+void write_json(const std::filesystem::path& path, const DeviceInfo& device, const Ceilings& c,
+                const std::vector<KernelResult>& kernels, const std::vector<StepResult>& steps) {
+  nlohmann::json j;
+  j["device"] = {{"name", device.name},
+                 {"sm_count", device.sm_count},
+                 {"l2_bytes", device.l2_bytes},
+                 {"memory_bytes", device.memory_bytes},
+                 {"cuda_runtime", device.runtime_version},
+                 {"cuda_driver", device.driver_version}};
+  j["ceilings"] = {{"copy_seconds", c.copy_seconds},
+                   {"copy_bytes", c.copy_bytes},
+                   {"copy_bytes_per_second", c.copy_bytes_per_second()},
+                   {"reference_copy_bytes_per_second", peers::kCopyBytesPerSecond},
+                   {"gemm_seconds", c.gemm_seconds},
+                   {"gemm_flops", c.gemm_flops},
+                   {"gemm_flops_per_second", c.gemm_flops_per_second()},
+                   {"reference_gemm_flops_per_second", peers::kGemmFlopsPerSecond},
+                   {"error", c.error}};
+  j["kernels"] = nlohmann::json::array();
+  for (const KernelResult& k : kernels) {
+    nlohmann::json row = {{"name", k.name}, {"shape", k.shape}, {"error", k.error}};
+    if (k.error.empty()) {
+      const bool bytes = k.bound == Bound::bytes;
+      row["bound"] = bytes ? "bytes" : "flops";
+      row[bytes ? "min_bytes" : "flops"] = k.amount;
+      row["median_seconds"] = k.median_seconds;
+      row["seconds"] = k.seconds;
+      row[bytes ? "bytes_per_second" : "flops_per_second"] = k.rate();
+      row["fraction_of_ceiling"] = k.fraction_of_ceiling(c);
+      row["peer_seconds"] = optional_json(k.peer_seconds);
+      row["peer_over_ours"] = k.peer_seconds ? nlohmann::json(*k.peer_seconds / k.median_seconds) : nlohmann::json(nullptr);
+    }
+    j["kernels"].push_back(row);
+  }
+  j["steps"] = nlohmann::json::array();
+  for (const StepResult& s : steps) {
+    nlohmann::json row = {{"model", s.model}, {"recompute", s.recompute}, {"batch", s.batch},
+                          {"seq_len", s.seq_len}, {"error", s.error}};
+    if (s.error.empty()) {
+      row["step_seconds"] = s.step_seconds;
+      row["median_step_seconds"] = s.median_seconds;
+      row["tokens_per_second"] = s.tokens_per_second();
+      row["losses"] = s.losses;
+      row["planned_bytes"] = s.planned_bytes;
+      row["weights_bytes"] = s.weights_bytes;
+      row["adapter_params"] = s.adapter_params;
+      row["activation_bytes"] = s.activation_bytes;
+      row["in_use_bytes"] = s.in_use_bytes;
+      row["peak_bytes"] = s.in_use_bytes;  // nothing allocates inside a step
+      row["hf_tokens_per_second"] = optional_json(s.hf_tokens_per_second);
+      row["hf_peak_bytes"] = optional_json(s.hf_peak_bytes);
+      if (s.hf_tokens_per_second) row["tokens_per_second_ours_over_hf"] = s.tokens_per_second() / *s.hf_tokens_per_second;
+      if (s.hf_peak_bytes) row["memory_ours_over_hf"] = static_cast<double>(s.in_use_bytes) / *s.hf_peak_bytes;
+    }
+    j["steps"].push_back(row);
+  }
+  std::ofstream out(path);
+  if (!out) fail("cannot write {}", path.string());
+  out << j.dump(2) << "\n";
+  if (!out) fail("error writing {}", path.string());
+}
+
+}  // namespace ssmtune::bench

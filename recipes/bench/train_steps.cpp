@@ -1,0 +1,150 @@
+#include "recipes/bench/train_steps.h"
+
+#include <cuda_runtime.h>
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+
+#include <chrono>
+#include <random>
+
+#include "framework/cuda_backend.h"
+#include "framework/error.h"
+#include "framework/lora.h"
+#include "framework/mamba_model.h"
+#include "framework/model_sizes.h"
+#include "framework/optimizer.h"
+#include "framework/train_step.h"
+#include "kernels/cuda/check.h"
+#include "recipes/bench/harness.h"
+#include "recipes/bench/peers.h"
+
+namespace ssmtune::bench {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point start) { return std::chrono::duration<double>(Clock::now() - start).count(); }
+
+// The batch sizes are HF + PEFT's, so that the tokens/s and the memory compare like with like.
+const peers::HfStep& hf_figure(const std::string& model) {
+  for (const peers::HfStep& hf : peers::kHfPeft)
+    if (hf.model == model) return hf;
+  fail("no step benchmark for model '{}' (known: {})", model, fmt::join(step_model_names(), ", "));
+}
+
+StepResult run_steps(Backend& backend, const MambaWeights& weights, LoraAdapters& adapters, const peers::HfStep& hf,
+                     bool recompute, const StepOptions& options) {
+  StepResult r;
+  r.model = std::string(hf.model);
+  r.recompute = recompute;
+  r.batch = hf.batch;
+  r.seq_len = peers::kHfSeqLen;
+  r.hf_tokens_per_second = hf.tokens_per_second;
+  r.hf_peak_bytes = hf.peak_gib * 1024.0 * 1024.0 * 1024.0;
+  try {
+    StepShape shape;
+    shape.batch = r.batch;
+    shape.seq_len = r.seq_len;
+    shape.scan_chunk = 64;
+    shape.recompute = recompute;
+    shape.loss_slice_rows = 1024;
+    TrainStep step(backend, weights, adapters, shape);
+
+    const int64_t T = r.batch * r.seq_len;
+    std::vector<uint32_t> tokens(static_cast<size_t>(r.batch * (r.seq_len + 1)));
+    const std::vector<uint8_t> mask(static_cast<size_t>(T), 1);
+    std::mt19937_64 rng(options.seed + (recompute ? 1 : 0));
+    std::uniform_int_distribution<uint32_t> token(0, static_cast<uint32_t>(weights.config().vocab_size - 1));
+    OptimizerConfig optimizer;
+    optimizer.lr = 1e-4;
+    optimizer.total_steps = options.warmup_steps + options.timed_steps;
+
+    for (int i = 0; i < options.warmup_steps + options.timed_steps; ++i) {
+      for (uint32_t& t : tokens) t = token(rng);
+      backend.synchronize();
+      const Clock::time_point start = Clock::now();
+      backend.fill_zero(adapters.grads(), static_cast<size_t>(adapters.numel()) * dtype_size(adapters.dtype()));
+      const double loss = step.forward_backward(tokens.data(), mask.data(), 1.0 / static_cast<double>(T), options.seed,
+                                                static_cast<uint64_t>(i));
+      apply_update(backend, adapters, optimizer, i);
+      backend.synchronize();
+      const double seconds = seconds_since(start);
+      r.losses.push_back(loss / static_cast<double>(T));
+      if (i >= options.warmup_steps) r.step_seconds.push_back(seconds);
+    }
+    r.median_seconds = median(r.step_seconds);
+    r.planned_bytes = backend.allocated_bytes();
+    r.weights_bytes = weights.bytes();
+    r.adapter_params = static_cast<size_t>(adapters.numel());
+    r.activation_bytes = step.activation_bytes();
+    size_t free = 0, total = 0;
+    SSMTUNE_CUDA_CHECK(cudaMemGetInfo(&free, &total), "bench memory");
+    r.in_use_bytes = total - free;
+    fmt::print("  {} recompute {}: {:.0f} tokens/s (median of {} steps, {:.1f} ms), loss {:.3f} -> {:.3f}, "
+               "planned {:.2f} GiB (activations {:.2f}), in use {:.2f} GiB\n",
+               r.model, recompute ? "on" : "off", r.tokens_per_second(), r.step_seconds.size(), r.median_seconds * 1e3,
+               r.losses.front(), r.losses.back(), r.planned_bytes / 1073741824.0, r.activation_bytes / 1073741824.0,
+               r.in_use_bytes / 1073741824.0);
+  } catch (const std::exception& e) {
+    cudaGetLastError();  // an allocation failure must not surface in the next setting's launch checks
+    r.error = e.what();
+    fmt::print("  {} recompute {}: FAILED: {}\n", r.model, recompute ? "on" : "off", r.error);
+  }
+  std::fflush(stdout);
+  return r;
+}
+
+}  // namespace
+
+std::vector<std::string> step_model_names() {
+  std::vector<std::string> names;
+  for (const peers::HfStep& hf : peers::kHfPeft) names.emplace_back(hf.model);
+  return names;
+}
+
+std::string full_model_name(const std::string& name) {
+  const std::string full = name.starts_with("mamba-") ? name : "mamba-" + name;
+  return std::string(hf_figure(full).model);
+}
+
+std::vector<StepResult> bench_training_steps(const StepOptions& options) {
+  std::vector<StepResult> results;
+  for (const std::string& model : options.models) {
+    const peers::HfStep& hf = hf_figure(model);
+    fmt::print("{}: building random weights and adapters\n", model);
+    std::fflush(stdout);
+    try {
+      const Clock::time_point start = Clock::now();
+      // Declared in this order so that they are destroyed in reverse: the step's memory is gone before
+      // the next model is built, and the backend outlives everything allocated through it.
+      const std::unique_ptr<Backend> backend = make_cuda_backend();
+      const MambaWeights weights = MambaWeights::random(model_size(model), *backend, options.seed);
+      LoraConfig lora;  // all four projections by default
+      lora.rank = 16;
+      lora.alpha = 32;
+      lora.dropout = 0;
+      LoraAdapters adapters(*backend, weights.config(), lora);
+      adapters.initialize(options.seed);
+      fmt::print("  built in {:.1f} s: NF4 base {:.2f} GiB, {} adapter parameters\n", seconds_since(start),
+                 weights.bytes() / 1073741824.0, adapters.numel());
+      for (bool recompute : options.recompute)
+        results.push_back(run_steps(*backend, weights, adapters, hf, recompute, options));
+    } catch (const std::exception& e) {
+      cudaGetLastError();
+      fmt::print("  {}: FAILED to build: {}\n", model, e.what());
+      for (bool recompute : options.recompute) {
+        StepResult r;
+        r.model = model;
+        r.recompute = recompute;
+        r.batch = hf.batch;
+        r.seq_len = peers::kHfSeqLen;
+        r.error = std::string("building the model: ") + e.what();
+        results.push_back(std::move(r));
+      }
+    }
+    std::fflush(stdout);
+  }
+  return results;
+}
+
+}  // namespace ssmtune::bench
