@@ -64,6 +64,9 @@ class Backend {
   virtual void copy(void* dst, const void* src, size_t bytes) = 0;
   virtual void fill_zero(void* dst, size_t bytes) = 0;
   virtual void synchronize() = 0;
+  // The stream every op runs on (a cudaStream_t), for communicators that must order their work against
+  // it; null on the CPU, where ops complete before they return.
+  virtual void* stream() const { return nullptr; }
 
   // Bytes currently allocated through allocate() (the memory plans: weights, adapters, activations).
   virtual size_t allocated_bytes() const = 0;

@@ -94,6 +94,7 @@ class CudaBackend final : public Backend {
     SSMTUNE_CUDA_CHECK(cudaMemsetAsync(dst, 0, bytes, stream_), "fill_zero");
   }
   void synchronize() override { SSMTUNE_CUDA_CHECK(cudaStreamSynchronize(stream_), "synchronize"); }
+  void* stream() const override { return stream_; }
 
   // The dequantized bf16 weight, then the LoRA path's scratch.
   size_t linear_workspace_bytes(std::span<const std::array<int64_t, 2>> weight_shapes, int64_t rows,
