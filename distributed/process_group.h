@@ -1,15 +1,20 @@
 // The ranks of one training job. Started under mpirun it is MPI's world; started alone it is a group
-// of one, so every command also runs as a plain process.
+// of one, so every command also runs as a plain process. Each rank also knows its place on its host
+// (local rank), which chooses its GPU. Collectives live in the communicators (distributed/
+// communicator.h), which wait for the other ranks only as long as the recipe allows.
 #pragma once
-#include <cstddef>
-#include <cstdint>
+#include <mpi.h>
 
 namespace ssmtune {
 
 class ProcessGroup {
  public:
-  // Initialises MPI when the process was launched by mpirun (or MPI is otherwise available).
-  ProcessGroup(int* argc, char*** argv);
+  enum class Ranks {
+    world,         // every process mpirun started (or this one alone)
+    this_process,  // this process alone, e.g. a single-process reference run beside a multi-rank one
+  };
+  // Initialises MPI if nobody has yet.
+  ProcessGroup(int* argc, char*** argv, Ranks ranks = Ranks::world);
   ~ProcessGroup();
   ProcessGroup(const ProcessGroup&) = delete;
   ProcessGroup& operator=(const ProcessGroup&) = delete;
@@ -17,19 +22,17 @@ class ProcessGroup {
   int rank() const { return rank_; }
   int size() const { return size_; }
   bool is_root() const { return rank_ == 0; }
+  // The rank among the ranks on this host (MPI_COMM_TYPE_SHARED), and how many there are.
+  int local_rank() const { return local_rank_; }
+  int local_size() const { return local_size_; }
+  MPI_Comm comm() const { return comm_; }
 
-  // Host-buffer collectives (the CPU backend's communicator).
-  void all_reduce_sum(double* values, size_t count) const;
-  void all_reduce_sum(float* values, size_t count) const;
-  void all_reduce_sum(int64_t* values, size_t count) const;
-  void broadcast(void* bytes, size_t size, int root) const;
-  void barrier() const;
   // Stops every rank; used when one rank hits an error the others cannot know about.
   [[noreturn]] void abort(int exit_code) const;
 
  private:
-  int rank_ = 0;
-  int size_ = 1;
+  MPI_Comm comm_ = MPI_COMM_NULL;
+  int rank_ = 0, size_ = 1, local_rank_ = 0, local_size_ = 1;
   bool owns_mpi_ = false;
 };
 

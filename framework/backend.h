@@ -95,6 +95,15 @@ class Backend {
   // flows into the previous layer's mixer output through the residual add.
   virtual void rmsnorm_backward(const void* x, const void* weight, const void* rstd, const void* dy,
                                 void* dx, void* dx_act, int64_t rows, int64_t dim) = 0;
+  // falcon-mamba's weightless RMSNorm of dt_r, B and C inside the mixer: per row of `dim` values of a
+  // strided view, y = x * rstd with rstd = 1/sqrt(mean(x^2) + eps), in fp32 or wider (HF's rms_forward).
+  // x (act, row stride ldx), y (act, row stride ldy; not overlapping x), rstd (master) [rows], saved.
+  virtual void weightless_rmsnorm_forward(const void* x, int64_t ldx, void* y, int64_t ldy, void* rstd, int64_t rows,
+                                          int64_t dim, double eps) = 0;
+  // dx (act, row stride lddx, written; overlapping neither x nor dy) = d norm/dx · dy (act, row stride
+  // lddy), from the forward's x and rstd.
+  virtual void weightless_rmsnorm_backward(const void* x, int64_t ldx, const void* rstd, const void* dy, int64_t lddy,
+                                           void* dx, int64_t lddx, int64_t rows, int64_t dim) = 0;
 
   // y[rows, out] (act, row stride ldy) = x[rows, in] (act, row stride ldx) · Wᵀ + LoRA path.
   // lora_h (act) [rows, rank] keeps A(dropout(x)) for the backward.
@@ -114,10 +123,11 @@ class Backend {
 
   // Selective scan with softplus(delta + delta_bias), D skip and SiLU(z) gate (kernels/cpu/selective_scan.h).
   // u, delta, B, C, z, out: act; delta_bias, A, Dskip: master; chunk_states: master [batch, chunks, dim, state].
+  // workspace: scan_workspace_bytes(s), scratch for both directions (a backend may ignore it in the forward).
   virtual void selective_scan_forward(const ScanShape& s, const void* u, const void* delta,
                                       const void* delta_bias, const void* A, const void* B, const void* C,
                                       int64_t bc_stride, const void* Dskip, const void* z, int64_t z_stride,
-                                      void* out, void* chunk_states) = 0;
+                                      void* out, void* chunk_states, void* workspace) = 0;
   virtual void selective_scan_backward(const ScanShape& s, const void* u, const void* delta,
                                        const void* delta_bias, const void* A, const void* B, const void* C,
                                        int64_t bc_stride, const void* Dskip, const void* z, int64_t z_stride,

@@ -92,6 +92,15 @@ class CpuBackend final : public Backend {
     cpu::rmsnorm_backward<T>(cast(x), cast(weight), cast(rstd), cast(dy), cast(dx), nullptr, rows, dim);
     if (dx_act) std::memcpy(dx_act, dx, static_cast<size_t>(rows * dim) * sizeof(T));
   }
+  void weightless_rmsnorm_forward(const void* x, int64_t ldx, void* y, int64_t ldy, void* rstd, int64_t rows,
+                                  int64_t dim, double eps) override {
+    cpu::rmsnorm_forward<T>(cast(x), ldx, nullptr, cast(y), ldy, cast(rstd), rows, dim, static_cast<T>(eps));
+  }
+  void weightless_rmsnorm_backward(const void* x, int64_t ldx, const void* rstd, const void* dy, int64_t lddy,
+                                   void* dx, int64_t lddx, int64_t rows, int64_t dim) override {
+    cpu::rmsnorm_backward<T>(cast(x), ldx, nullptr, cast(rstd), cast(dy), lddy, cast(dx), lddx, false, nullptr, rows,
+                             dim);
+  }
 
   void linear_forward(const LinearOp& op, const void* x, int64_t ldx, int64_t rows, void* y, int64_t ldy,
                       void* lora_h, void* workspace) override {
@@ -133,7 +142,8 @@ class CpuBackend final : public Backend {
 
   void selective_scan_forward(const ScanShape& s, const void* u, const void* delta, const void* delta_bias,
                               const void* A, const void* B, const void* C, int64_t bc_stride, const void* Dskip,
-                              const void* z, int64_t z_stride, void* out, void* chunk_states) override {
+                              const void* z, int64_t z_stride, void* out, void* chunk_states,
+                              void* /*workspace: the CPU forward needs none*/) override {
     cpu::selective_scan_forward<T>(cpu_shape(s), cast(u), cast(delta), cast(delta_bias), cast(A), cast(B),
                                    cast(C), bc_stride, cast(Dskip), cast(z), z_stride, cast(out),
                                    cast(chunk_states));

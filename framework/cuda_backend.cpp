@@ -106,8 +106,10 @@ class CudaBackend final : public Backend {
     }
     return weight + lora;
   }
+  // A layer's forward and backward never run at the same time: one buffer serves both.
   size_t scan_workspace_bytes(const ScanShape& s) const override {
-    return cuda::selective_scan_backward_workspace_bytes(scan_shape(s));
+    return std::max(cuda::selective_scan_forward_workspace_bytes(scan_shape(s)),
+                    cuda::selective_scan_backward_workspace_bytes(scan_shape(s)));
   }
   size_t cross_entropy_workspace_bytes(int64_t rows, int64_t slice_rows, int64_t vocab) const override {
     return cuda::cross_entropy_workspace_bytes(rows, slice_rows, vocab);
@@ -136,6 +138,15 @@ class CudaBackend final : public Backend {
   void rmsnorm_backward(const void* x, const void* weight, const void* rstd, const void* dy, void* dx, void* dx_act,
                         int64_t rows, int64_t dim) override {
     cuda::rmsnorm_backward(f32(x), f32(weight), f32(rstd), bf16(dy), f32(dx), bf16(dx_act), rows, dim, stream_);
+  }
+  void weightless_rmsnorm_forward(const void* x, int64_t ldx, void* y, int64_t ldy, void* rstd, int64_t rows,
+                                  int64_t dim, double eps) override {
+    cuda::weightless_rmsnorm_forward(bf16(x), ldx, bf16(y), ldy, f32(rstd), rows, dim, static_cast<float>(eps),
+                                     stream_);
+  }
+  void weightless_rmsnorm_backward(const void* x, int64_t ldx, const void* rstd, const void* dy, int64_t lddy,
+                                   void* dx, int64_t lddx, int64_t rows, int64_t dim) override {
+    cuda::weightless_rmsnorm_backward(bf16(x), ldx, f32(rstd), bf16(dy), lddy, bf16(dx), lddx, rows, dim, stream_);
   }
 
   // y = x·Wᵀ with W dequantized into the workspace for this call only; the LoRA path adds into y.
@@ -175,9 +186,11 @@ class CudaBackend final : public Backend {
 
   void selective_scan_forward(const ScanShape& s, const void* u, const void* delta, const void* delta_bias,
                               const void* A, const void* B, const void* C, int64_t bc_stride, const void* Dskip,
-                              const void* z, int64_t z_stride, void* out, void* chunk_states) override {
+                              const void* z, int64_t z_stride, void* out, void* chunk_states,
+                              void* workspace) override {
     cuda::selective_scan_forward(scan_shape(s), bf16(u), bf16(delta), f32(delta_bias), f32(A), bf16(B), bf16(C),
-                                 bc_stride, f32(Dskip), bf16(z), z_stride, bf16(out), f32(chunk_states), stream_);
+                                 bc_stride, f32(Dskip), bf16(z), z_stride, bf16(out), f32(chunk_states), workspace,
+                                 stream_);
   }
   void selective_scan_backward(const ScanShape& s, const void* u, const void* delta, const void* delta_bias,
                                const void* A, const void* B, const void* C, int64_t bc_stride, const void* Dskip,

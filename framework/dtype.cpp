@@ -13,14 +13,15 @@ struct DTypeInfo {
   DType dtype;
   std::string_view name;
   size_t size;
+  std::string_view torch_name;
 };
 
 constexpr std::array<DTypeInfo, 13> kDTypes{{
-    {DType::BOOL, "BOOL", 1}, {DType::U8, "U8", 1},     {DType::I8, "I8", 1},
-    {DType::I16, "I16", 2},   {DType::U16, "U16", 2},   {DType::F16, "F16", 2},
-    {DType::BF16, "BF16", 2}, {DType::I32, "I32", 4},   {DType::U32, "U32", 4},
-    {DType::F32, "F32", 4},   {DType::F64, "F64", 8},   {DType::I64, "I64", 8},
-    {DType::U64, "U64", 8},
+    {DType::BOOL, "BOOL", 1, "bool"},         {DType::U8, "U8", 1, "uint8"},     {DType::I8, "I8", 1, "int8"},
+    {DType::I16, "I16", 2, "int16"},          {DType::U16, "U16", 2, "uint16"},  {DType::F16, "F16", 2, "float16"},
+    {DType::BF16, "BF16", 2, "bfloat16"},     {DType::I32, "I32", 4, "int32"},   {DType::U32, "U32", 4, "uint32"},
+    {DType::F32, "F32", 4, "float32"},        {DType::F64, "F64", 8, "float64"}, {DType::I64, "I64", 8, "int64"},
+    {DType::U64, "U64", 8, "uint64"},
 }};
 
 const DTypeInfo& info(DType dtype) { return kDTypes[static_cast<size_t>(dtype)]; }
@@ -58,6 +59,11 @@ void convert(DType dtype, const void* src, size_t n, Out* dst) {
 
 size_t dtype_size(DType dtype) { return info(dtype).size; }
 std::string_view dtype_name(DType dtype) { return info(dtype).name; }
+std::string_view torch_dtype_name(DType dtype) { return info(dtype).torch_name; }
+
+bool is_floating_point(DType dtype) {
+  return dtype == DType::F16 || dtype == DType::BF16 || dtype == DType::F32 || dtype == DType::F64;
+}
 
 std::optional<DType> dtype_from_name(std::string_view name) {
   for (const DTypeInfo& d : kDTypes)

@@ -11,7 +11,11 @@ enum class DType { BOOL, U8, I8, I16, U16, F16, BF16, I32, U32, F32, F64, I64, U
 
 size_t dtype_size(DType dtype);
 std::string_view dtype_name(DType dtype);  // "F32", "BF16", ...
+// torch's name, as config.json ("dtype") and bitsandbytes' quant_state write it: "float32", "bfloat16", ...
+std::string_view torch_dtype_name(DType dtype);
 std::optional<DType> dtype_from_name(std::string_view name);
+
+bool is_floating_point(DType dtype);  // F16, BF16, F32, F64
 
 // bf16 and fp16 <-> fp32, round to nearest even, as torch converts.
 float bf16_to_float(uint16_t bits);

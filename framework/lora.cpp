@@ -17,7 +17,8 @@ bool LoraConfig::targets_projection(Projection p) const {
   return std::find(targets.begin(), targets.end(), p) != targets.end();
 }
 
-LoraAdapters::LoraAdapters(Backend& backend, const MambaConfig& model, const LoraConfig& config)
+LoraAdapters::LoraAdapters(Backend& backend, const MambaConfig& model, const LoraConfig& config,
+                           ShardIndex optimizer_shard)
     : backend_(&backend), config_(config), arena_(backend, "LoRA adapters and optimizer state") {
   if (config.rank <= 0) fail("lora.rank must be positive, got {}", config.rank);
   if (config.dropout < 0 || config.dropout >= 1) fail("lora.dropout must be in [0, 1), got {}", config.dropout);
@@ -35,10 +36,12 @@ LoraAdapters::LoraAdapters(Backend& backend, const MambaConfig& model, const Lor
       numel_ += out * config.rank;
     }
   const size_t bytes = static_cast<size_t>(numel_) * dtype_size(backend.master_dtype());
+  optimizer_range_ = shard_range(numel_, optimizer_shard);
+  const size_t moment_bytes = static_cast<size_t>(optimizer_range_.size()) * dtype_size(backend.master_dtype());
   arena_.add(&params_, bytes);
   arena_.add(&grads_, bytes);
-  arena_.add(&m_, bytes);
-  arena_.add(&v_, bytes);
+  arena_.add(&m_, moment_bytes);
+  arena_.add(&v_, moment_bytes);
   arena_.allocate();
 }
 
@@ -75,8 +78,23 @@ std::optional<LoraPath> LoraAdapters::path(int64_t layer, Projection p, uint64_t
   return path;
 }
 
+FlatRange LoraAdapters::layer_range(int64_t layer) const {
+  FlatRange range{numel_, 0};
+  for (const AdapterTensor& t : tensors_)
+    if (t.layer == layer) {
+      range.begin = std::min(range.begin, t.offset);
+      range.end = std::max(range.end, t.offset + t.numel());
+    }
+  if (range.end < range.begin) fail("internal: layer {} has no adapters", layer);
+  return range;
+}
+
+int64_t LoraAdapters::count_of(const void* buffer) const {
+  return buffer == m_ || buffer == v_ ? optimizer_range_.size() : numel_;
+}
+
 std::vector<double> LoraAdapters::download(const void* buffer) const {
-  std::vector<double> values(static_cast<size_t>(numel_));
+  std::vector<double> values(static_cast<size_t>(count_of(buffer)));
   const DType dtype = backend_->master_dtype();
   std::vector<std::byte> bytes(values.size() * dtype_size(dtype));
   backend_->copy_to_host(bytes.data(), buffer, bytes.size());
@@ -85,8 +103,8 @@ std::vector<double> LoraAdapters::download(const void* buffer) const {
 }
 
 void LoraAdapters::upload(void* buffer, const std::vector<double>& values) const {
-  if (static_cast<int64_t>(values.size()) != numel_)
-    fail("internal: adapter buffer of {} values, expected {}", values.size(), numel_);
+  if (static_cast<int64_t>(values.size()) != count_of(buffer))
+    fail("internal: adapter buffer of {} values, expected {}", values.size(), count_of(buffer));
   const DType dtype = backend_->master_dtype();
   std::vector<std::byte> bytes(values.size() * dtype_size(dtype));
   convert_from_double(values.data(), values.size(), dtype, bytes.data());

@@ -1,12 +1,15 @@
 // The trainable LoRA adapters (REFERENCE.md §4). Parameters, gradients and the two AdamW moments are
-// four contiguous master buffers with one layout, so clipping, reducing and sharding are each one call
-// over a flat buffer; each adapter tensor is a named slice of that layout.
+// contiguous master buffers with one layout, so clipping, reducing and sharding are each one call
+// over a flat buffer; each adapter tensor is a named slice of that layout. The layout is layer after
+// layer, so a layer's tensors are one range of it. The moments may cover one shard of the layout only
+// (ZeRO: each rank keeps and updates its own shard's).
 #pragma once
 #include <array>
 #include <optional>
 #include <string>
 #include <vector>
 
+#include "distributed/sharding.h"
 #include "framework/arena.h"
 #include "framework/backend.h"
 #include "framework/mamba_config.h"
@@ -38,7 +41,10 @@ struct AdapterTensor {
 
 class LoraAdapters {
  public:
-  LoraAdapters(Backend& backend, const MambaConfig& model, const LoraConfig& config);
+  // The AdamW moments are kept for `optimizer_shard` of the layout (distributed/sharding.h): all of it
+  // by default.
+  LoraAdapters(Backend& backend, const MambaConfig& model, const LoraConfig& config,
+               ShardIndex optimizer_shard = {});
 
   const LoraConfig& config() const { return config_; }
   const std::vector<AdapterTensor>& tensors() const { return tensors_; }
@@ -47,15 +53,20 @@ class LoraAdapters {
 
   void* params() const { return params_; }
   void* grads() const { return grads_; }
+  // The moments of optimizer_range() only: element 0 is that of element optimizer_range().begin.
   void* adam_m() const { return m_; }
   void* adam_v() const { return v_; }
+  FlatRange optimizer_range() const { return optimizer_range_; }
+  // The range of the layout that holds layer `layer`'s tensors.
+  FlatRange layer_range(int64_t layer) const;
 
   // PEFT's initialisation: A ~ kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)), B = 0.
   void initialize(uint64_t seed);
   // The LoRA path of (layer, projection) for this step, or nullopt when it has no adapter.
   std::optional<LoraPath> path(int64_t layer, Projection p, uint64_t dropout_seed, uint64_t dropout_stream) const;
 
-  // Host copies of a whole flat buffer as doubles (checkpoints, exports, tests), and back.
+  // Host copies of a whole flat buffer as doubles (checkpoints, exports, tests), and back; for the
+  // moments, of optimizer_range()'s elements.
   std::vector<double> download(const void* buffer) const;
   void upload(void* buffer, const std::vector<double>& values) const;
 
@@ -65,11 +76,13 @@ class LoraAdapters {
   std::vector<AdapterTensor> tensors_;
   std::vector<std::array<int64_t, 4>> index_;  // [layer][projection] -> index of its A tensor, or -1
   int64_t numel_ = 0;
+  FlatRange optimizer_range_;
   Arena arena_;
   void* params_ = nullptr;
   void* grads_ = nullptr;
   void* m_ = nullptr;
   void* v_ = nullptr;
+  int64_t count_of(const void* buffer) const;
 };
 
 }  // namespace ssmtune

@@ -115,22 +115,21 @@ void check_init_scheme(KeyReader& reader, const std::string& key, const std::str
 MambaConfig parse_hf(KeyReader& reader, const std::string& source) {
   MambaConfig config;
   config.model_type = reader.string("model_type", "mamba");
-  if (config.model_type != "mamba")
-    fail("{}: model_type '{}' is not supported (supported: mamba)", source, config.model_type);
-  reader.mark_used("architectures");  // always written as ["MambaForCausalLM"]
+  if (config.model_type != "mamba" && config.model_type != "falcon_mamba")
+    fail("{}: model_type '{}' is not supported (supported: mamba, falcon_mamba)", source, config.model_type);
+  reader.mark_used("architectures");  // always written from model_type
   config.d_model = reader.integer("hidden_size", std::nullopt);
   config.n_layer = reader.integer("num_hidden_layers", std::nullopt);
   config.vocab_size = reader.integer("vocab_size", std::nullopt);
   config.d_state = reader.integer("state_size", 16);
   config.expand = reader.integer("expand", 2);
-  config.d_inner = config.expand * config.d_model;
-  if (reader.has("intermediate_size") && reader.integer("intermediate_size", std::nullopt) != config.d_inner)
-    fail("{}: key 'intermediate_size' ({}) must equal expand * hidden_size ({})", source,
-         reader.integer("intermediate_size", std::nullopt), config.d_inner);
+  config.d_inner = reader.integer("intermediate_size", config.expand * config.d_model);
   config.conv_kernel = reader.integer("conv_kernel", 4);
   config.dt_rank = reader.rank("time_step_rank", config.d_model);
   config.layer_norm_epsilon = reader.number("layer_norm_epsilon", 1e-5, true);
-  config.use_bias = reader.boolean("use_bias", true);
+  // The class defaults differ: MambaConfig has use_bias=True, FalconMambaConfig False.
+  config.use_bias = reader.boolean("use_bias", !config.has_mixer_norm());
+  if (config.has_mixer_norm()) config.mixer_rms_eps = reader.number("mixer_rms_eps", 1e-6, true);
   config.use_conv_bias = reader.boolean("use_conv_bias", true);
   config.residual_in_fp32 = reader.boolean("residual_in_fp32", true);
   config.tie_word_embeddings = reader.boolean("tie_word_embeddings", true);
@@ -211,7 +210,7 @@ json mamba_config_to_json(const MambaConfig& config) {
   if (!config.extra.is_null() && !config.extra.is_object())
     fail("MambaConfig to be written: extra must be a JSON object, got {}", config.extra.type_name());
   json j = config.extra.is_object() ? config.extra : json::object();
-  j["architectures"] = {"MambaForCausalLM"};
+  j["architectures"] = {config.has_mixer_norm() ? "FalconMambaForCausalLM" : "MambaForCausalLM"};
   j["model_type"] = config.model_type;
   j["hidden_size"] = config.d_model;
   j["num_hidden_layers"] = config.n_layer;
@@ -231,6 +230,7 @@ json mamba_config_to_json(const MambaConfig& config) {
   j["time_step_floor"] = config.time_step_floor;
   j["time_step_scale"] = config.time_step_scale;
   j["time_step_init_scheme"] = config.time_step_init_scheme;
+  if (config.has_mixer_norm()) j["mixer_rms_eps"] = config.mixer_rms_eps;
   parse_mamba_config(j, "MambaConfig to be written");
   return j;
 }

@@ -3,95 +3,91 @@
 #include <algorithm>
 #include <cmath>
 #include <map>
+#include <optional>
 #include <span>
 
 #include <fmt/ranges.h>
 
 #include "framework/atomic_file.h"
 #include "framework/error.h"
+#include "framework/model_files.h"
 #include "framework/safetensors.h"
 #include "kernels/common/counter_rng.h"
 #include "kernels/cpu/nf4.h"
 
 namespace ssmtune {
 
+// Where the weights come from: every read names a tensor of mamba_tensors() and gets exactly its shape.
 class TensorSource {
  public:
   virtual ~TensorSource() = default;
-  virtual bool contains(std::string_view name) const = 0;
-  // Checks the shape (and the checkpoint's dtype) and converts the tensor into out[numel].
-  virtual void read_float(std::string_view name, std::span<const int64_t> shape, float* out) const = 0;
-  virtual void read_double(std::string_view name, std::span<const int64_t> shape, double* out) const = 0;
+  virtual bool has_lm_head() const = 0;
+  // Checks the stored shape (and dtype) and converts the tensor into out[numel].
+  virtual void read_float(const MambaTensor& t, float* out) const = 0;
+  virtual void read_double(const MambaTensor& t, double* out) const = 0;
+  // A projection the source holds already quantized, checked; nothing when it holds it in floating
+  // point, to be read with read_float and quantized on load.
+  virtual std::optional<Nf4HostWeight> read_stored_nf4(const MambaTensor&) const { return std::nullopt; }
 };
 
 namespace {
 
-class SafetensorsSource final : public TensorSource {
+class ModelFilesSource final : public TensorSource {
  public:
-  explicit SafetensorsSource(const std::filesystem::path& path) : file_(SafetensorsFile::open(path)) {}
-  bool contains(std::string_view name) const override { return file_.contains(name); }
-  void read_float(std::string_view name, std::span<const int64_t> shape, float* out) const override {
-    file_.read_float(name, shape, out);
+  explicit ModelFilesSource(const ModelFiles& files) : files_(files) {}
+  bool has_lm_head() const override { return files_.has_lm_head(); }
+  void read_float(const MambaTensor& t, float* out) const override {
+    files_.tensors().read_float(files_.stored_name(t), t.shape, out);
   }
-  void read_double(std::string_view name, std::span<const int64_t> shape, double* out) const override {
-    file_.read_double(name, shape, out);
+  void read_double(const MambaTensor& t, double* out) const override {
+    files_.tensors().read_double(files_.stored_name(t), t.shape, out);
   }
+  std::optional<Nf4HostWeight> read_stored_nf4(const MambaTensor& t) const override { return files_.stored_nf4(t); }
 
  private:
-  SafetensorsFile file_;
+  const ModelFiles& files_;
 };
 
-int64_t element_count(std::span<const int64_t> shape) {
-  int64_t numel = 1;
-  for (int64_t s : shape) numel *= s;
-  return numel;
-}
-
-std::string layer_prefix(int64_t i) { return "backbone.layers." + std::to_string(i) + ".mixer."; }
+std::string layer_prefix(int64_t i) { return "backbone.layers." + std::to_string(i) + "."; }
 
 // A randomly initialised base model the way HF's MambaPreTrainedModel initialises one, each tensor
 // computed when it is read. Every random tensor draws from its own counter-RNG stream, numbered in
-// the order names() lists the tensors (the order of the file write_random_mamba writes), so a tensor's
-// values do not depend on which others are read or in what order.
+// the order of mamba_tensors() (the order of the file write_random_mamba writes), so a tensor's values
+// do not depend on which others are read or in what order.
 class RandomSource final : public TensorSource {
  public:
   RandomSource(const MambaConfig& c, uint64_t seed) : config_(c), seed_(seed) {
     const double initializer_range = 0.1;  // HF MambaConfig default
-    add("backbone.embeddings.weight", {c.vocab_size, c.d_model}, Init::normal, initializer_range);
-    for (int64_t i = 0; i < c.n_layer; ++i) {
-      const std::string p = layer_prefix(i);
-      add("backbone.layers." + std::to_string(i) + ".norm.weight", {c.d_model}, Init::constant, 1.0);
-      // nn.Linear / nn.Conv1d default init: kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-      for (Projection proj : kProjections) {
-        const auto [out, in] = projection_shape(c, proj);
-        double bound = 1.0 / std::sqrt(static_cast<double>(in));
-        if (proj == Projection::dt_proj) bound = std::pow(static_cast<double>(c.dt_rank), -0.5) * c.time_step_scale;
-        // rescale_prenorm_residual
-        if (proj == Projection::out_proj) bound /= std::sqrt(static_cast<double>(c.n_layer));
-        add(p + std::string(projection_name(proj)) + ".weight", {out, in}, Init::uniform, bound);
+    const double conv_bound = 1.0 / std::sqrt(static_cast<double>(c.conv_kernel));
+    for (MambaTensor& t : mamba_tensors(c, !c.tie_word_embeddings)) {
+      switch (t.kind) {
+        case MambaTensor::Kind::embedding:
+        case MambaTensor::Kind::lm_head: add(std::move(t), Init::normal, initializer_range); break;
+        case MambaTensor::Kind::norm:
+        case MambaTensor::Kind::norm_f:
+        case MambaTensor::Kind::D: add(std::move(t), Init::constant, 1.0); break;
+        case MambaTensor::Kind::projection: {
+          // nn.Linear default init: kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+          double bound = 1.0 / std::sqrt(static_cast<double>(t.shape[1]));
+          if (t.projection == Projection::dt_proj)
+            bound = std::pow(static_cast<double>(c.dt_rank), -0.5) * c.time_step_scale;
+          // rescale_prenorm_residual
+          if (t.projection == Projection::out_proj) bound /= std::sqrt(static_cast<double>(c.n_layer));
+          add(std::move(t), Init::uniform, bound);
+          break;
+        }
+        // nn.Conv1d default init, the same kaiming_uniform over fan_in = conv_kernel.
+        case MambaTensor::Kind::conv_weight:
+        case MambaTensor::Kind::conv_bias: add(std::move(t), Init::uniform, conv_bound); break;
+        case MambaTensor::Kind::dt_bias: add(std::move(t), Init::dt_bias, 0.0); break;
+        case MambaTensor::Kind::A_log: add(std::move(t), Init::A_log, 0.0); break;
       }
-      const double conv_bound = 1.0 / std::sqrt(static_cast<double>(c.conv_kernel));
-      add(p + "conv1d.weight", {c.d_inner, 1, c.conv_kernel}, Init::uniform, conv_bound);
-      if (c.use_conv_bias) add(p + "conv1d.bias", {c.d_inner}, Init::uniform, conv_bound);
-      add(p + "dt_proj.bias", {c.d_inner}, Init::dt_bias, 0.0);
-      add(p + "A_log", {c.d_inner, c.d_state}, Init::A_log, 0.0);
-      add(p + "D", {c.d_inner}, Init::constant, 1.0);
     }
-    add("backbone.norm_f.weight", {c.d_model}, Init::constant, 1.0);
-    if (!c.tie_word_embeddings)
-      add("lm_head.weight", {c.vocab_size, c.d_model}, Init::normal, initializer_range);
   }
 
-  const std::vector<std::string>& names() const { return names_; }
-  const std::vector<int64_t>& shape(std::string_view name) const { return find(name).shape; }
-
-  bool contains(std::string_view name) const override { return tensors_.contains(name); }
-  void read_float(std::string_view name, std::span<const int64_t> shape, float* out) const override {
-    generate(checked(name, shape), out);
-  }
-  void read_double(std::string_view name, std::span<const int64_t> shape, double* out) const override {
-    generate(checked(name, shape), out);
-  }
+  bool has_lm_head() const override { return !config_.tie_word_embeddings; }
+  void read_float(const MambaTensor& t, float* out) const override { generate(find(t), t.numel(), out); }
+  void read_double(const MambaTensor& t, double* out) const override { generate(find(t), t.numel(), out); }
 
  private:
   enum class Init {
@@ -108,27 +104,22 @@ class RandomSource final : public TensorSource {
     uint64_t stream;
   };
 
-  void add(std::string name, std::vector<int64_t> shape, Init init, double param) {
+  void add(MambaTensor t, Init init, double param) {
     const bool random = init == Init::uniform || init == Init::normal || init == Init::dt_bias;
-    tensors_.emplace(name, Tensor{std::move(shape), init, param, random ? next_stream_++ : 0});
-    names_.push_back(std::move(name));
+    tensors_.emplace(t.name, Tensor{std::move(t.shape), init, param, random ? next_stream_++ : 0});
   }
-  const Tensor& find(std::string_view name) const {
-    auto found = tensors_.find(name);
-    if (found == tensors_.end()) fail("random base model: no tensor '{}'", name);
+  const Tensor& find(const MambaTensor& wanted) const {
+    auto found = tensors_.find(wanted.name);
+    if (found == tensors_.end()) fail("random base model: no tensor '{}'", wanted.name);
+    if (found->second.shape != wanted.shape)
+      fail("random base model: tensor '{}' has shape {}, expected {}", wanted.name, found->second.shape,
+           wanted.shape);
     return found->second;
-  }
-  const Tensor& checked(std::string_view name, std::span<const int64_t> shape) const {
-    const Tensor& t = find(name);
-    if (!std::equal(t.shape.begin(), t.shape.end(), shape.begin(), shape.end()))
-      fail("random base model: tensor '{}' has shape {}, expected {}", name, t.shape, shape);
-    return t;
   }
 
   // Computes each element in fp32, as the file stores it, then widens it to T.
   template <typename T>
-  void generate(const Tensor& t, T* out) const {
-    const int64_t numel = element_count(t.shape);
+  void generate(const Tensor& t, int64_t numel, T* out) const {
     const uint64_t seed = seed_, stream = t.stream;
     const double param = t.param;
     auto uniform = [=](int64_t i, double bound) {
@@ -165,7 +156,6 @@ class RandomSource final : public TensorSource {
   uint64_t seed_;
   uint64_t next_stream_ = 0;
   std::map<std::string, Tensor, std::less<>> tensors_;
-  std::vector<std::string> names_;
 };
 
 // Host values encoded in a backend dtype, ready to copy to the device.
@@ -183,11 +173,10 @@ void require_supported(const MambaConfig& c, const std::string& origin) {
 
 // One buffer of the frozen model and the tensor that fills it.
 struct Placement {
-  std::string name;             // empty: no tensor; the buffer keeps the arena's zeros
-  std::vector<int64_t> shape;   // as the checkpoint stores it
+  MambaTensor tensor;
+  bool from_source = true;      // false: no tensor; the buffer keeps the arena's zeros
   const void** slot = nullptr;  // a dense buffer of `dtype`...
   DType dtype = DType::F32;
-  bool minus_exp = false;       // stores -exp(x): A from A_log
   Nf4Weight* nf4 = nullptr;     // ...or an NF4 projection
 };
 
@@ -208,14 +197,36 @@ std::array<int64_t, 2> projection_shape(const MambaConfig& c, Projection p) {
   return {0, 0};
 }
 
+std::vector<MambaTensor> mamba_tensors(const MambaConfig& c, bool with_lm_head) {
+  using Kind = MambaTensor::Kind;
+  std::vector<MambaTensor> tensors;
+  tensors.push_back({"backbone.embeddings.weight", {c.vocab_size, c.d_model}, Kind::embedding});
+  for (int64_t i = 0; i < c.n_layer; ++i) {
+    const std::string layer = layer_prefix(i), mixer = layer + "mixer.";
+    tensors.push_back({layer + "norm.weight", {c.d_model}, Kind::norm, i});
+    for (Projection p : kProjections) {
+      const auto [out, in] = projection_shape(c, p);
+      tensors.push_back({mixer + std::string(projection_name(p)) + ".weight", {out, in}, Kind::projection, i, p});
+    }
+    tensors.push_back({mixer + "conv1d.weight", {c.d_inner, 1, c.conv_kernel}, Kind::conv_weight, i});
+    if (c.use_conv_bias) tensors.push_back({mixer + "conv1d.bias", {c.d_inner}, Kind::conv_bias, i});
+    tensors.push_back({mixer + "dt_proj.bias", {c.d_inner}, Kind::dt_bias, i});
+    tensors.push_back({mixer + "A_log", {c.d_inner, c.d_state}, Kind::A_log, i});
+    tensors.push_back({mixer + "D", {c.d_inner}, Kind::D, i});
+  }
+  tensors.push_back({"backbone.norm_f.weight", {c.d_model}, Kind::norm_f});
+  if (with_lm_head) tensors.push_back({"lm_head.weight", {c.vocab_size, c.d_model}, Kind::lm_head});
+  return tensors;
+}
+
 MambaWeights::MambaWeights(Backend& backend, MambaConfig config)
     : config_(std::move(config)), arena_(backend, "frozen base weights") {}
 
 MambaWeights MambaWeights::load(const std::filesystem::path& dir, Backend& backend) {
-  MambaConfig config = load_mamba_config(dir / "config.json");
-  require_supported(config, (dir / "config.json").string());
-  const SafetensorsSource source(dir / "model.safetensors");
-  return from_source(std::move(config), source, backend);
+  const ModelFiles files = ModelFiles::open(dir);
+  require_supported(files.config(), files.config_path().string());
+  const ModelFilesSource source(files);
+  return from_source(files.config(), source, backend);
 }
 
 MambaWeights MambaWeights::random(const MambaConfig& config, Backend& backend, uint64_t seed) {
@@ -228,43 +239,46 @@ MambaWeights MambaWeights::random(const MambaConfig& config, Backend& backend, u
 }
 
 MambaWeights MambaWeights::from_source(MambaConfig config, const TensorSource& source, Backend& backend) {
+  using Kind = MambaTensor::Kind;
   MambaWeights w(backend, std::move(config));
   const MambaConfig& c = w.config_;
   const DType act = backend.act_dtype(), master = backend.master_dtype();
+  w.layers_.resize(static_cast<size_t>(c.n_layer));
 
   // What goes where, in the order the tensors are read.
   std::vector<Placement> placements;
-  std::string embedding_name = "backbone.embeddings.weight";
-  if (!source.contains(embedding_name) && source.contains("backbone.embedding.weight"))
-    embedding_name = "backbone.embedding.weight";  // original mamba_ssm name
-  placements.push_back({embedding_name, {c.vocab_size, c.d_model}, &w.embedding_, act});
-  const bool tied = !source.contains("lm_head.weight");
-  if (!tied) placements.push_back({"lm_head.weight", {c.vocab_size, c.d_model}, &w.lm_head_, act});
-  placements.push_back({"backbone.norm_f.weight", {c.d_model}, &w.norm_f_, master});
-  w.layers_.resize(static_cast<size_t>(c.n_layer));
-  for (int64_t i = 0; i < c.n_layer; ++i) {
-    MambaLayerWeights& L = w.layers_[i];
-    const std::string p = layer_prefix(i);
-    placements.push_back(
-        {"backbone.layers." + std::to_string(i) + ".norm.weight", {c.d_model}, &L.norm_weight, master});
-    placements.push_back({p + "conv1d.weight", {c.d_inner, 1, c.conv_kernel}, &L.conv_weight, master});
-    placements.push_back({c.use_conv_bias ? p + "conv1d.bias" : "", {c.d_inner}, &L.conv_bias, master});
-    placements.push_back({p + "A_log", {c.d_inner, c.d_state}, &L.A, master, true});
-    placements.push_back({p + "D", {c.d_inner}, &L.D, master});
-    placements.push_back({p + "dt_proj.bias", {c.d_inner}, &L.dt_bias, master});
-    for (Projection proj : kProjections) {
-      const auto [out, in] = projection_shape(c, proj);
-      Nf4Weight& q = L.proj[static_cast<size_t>(proj)];
-      q.out_features = out;
-      q.in_features = in;
-      placements.push_back({p + std::string(projection_name(proj)) + ".weight", {out, in}, nullptr, DType::F32,
-                            false, &q});
+  const bool tied = !source.has_lm_head();
+  for (MambaTensor& t : mamba_tensors(c, !tied)) {
+    MambaLayerWeights* L = t.layer >= 0 ? &w.layers_[static_cast<size_t>(t.layer)] : nullptr;
+    Placement pl{std::move(t)};
+    pl.dtype = master;
+    switch (pl.tensor.kind) {
+      case Kind::embedding: pl.slot = &w.embedding_, pl.dtype = act; break;
+      case Kind::lm_head: pl.slot = &w.lm_head_, pl.dtype = act; break;
+      case Kind::norm_f: pl.slot = &w.norm_f_; break;
+      case Kind::norm: pl.slot = &L->norm_weight; break;
+      case Kind::conv_weight: pl.slot = &L->conv_weight; break;
+      case Kind::conv_bias: pl.slot = &L->conv_bias; break;
+      case Kind::dt_bias: pl.slot = &L->dt_bias; break;
+      case Kind::A_log: pl.slot = &L->A; break;
+      case Kind::D: pl.slot = &L->D; break;
+      case Kind::projection: {
+        Nf4Weight& q = L->proj[static_cast<size_t>(pl.tensor.projection)];
+        q.out_features = pl.tensor.shape[0];
+        q.in_features = pl.tensor.shape[1];
+        pl.nf4 = &q;
+        break;
+      }
     }
+    placements.push_back(std::move(pl));
   }
+  if (!c.use_conv_bias)  // the conv kernels always add a bias: zeros
+    for (int64_t i = 0; i < c.n_layer; ++i)
+      placements.push_back({{"", {c.d_inner}, Kind::conv_bias, i}, false, &w.layers_[i].conv_bias, master});
 
   // One allocation, sized from the config alone.
   for (const Placement& pl : placements) {
-    const int64_t numel = element_count(pl.shape);
+    const int64_t numel = pl.tensor.numel();
     if (!pl.nf4) {
       w.arena_.add(pl.slot, static_cast<size_t>(numel) * dtype_size(pl.dtype));
       continue;
@@ -278,19 +292,28 @@ MambaWeights MambaWeights::from_source(MambaConfig config, const TensorSource& s
 
   // Then one tensor at a time: read, convert or quantize, copy, drop.
   for (const Placement& pl : placements) {
-    if (pl.name.empty()) continue;
-    const int64_t numel = element_count(pl.shape);
+    if (!pl.from_source) continue;
+    const int64_t numel = pl.tensor.numel();
     if (Nf4Weight* q = pl.nf4) {
+      if (const std::optional<Nf4HostWeight> stored = source.read_stored_nf4(pl.tensor)) {
+        backend.copy_from_host(const_cast<uint8_t*>(q->packed), stored->packed.data(), stored->packed.size());
+        backend.copy_from_host(const_cast<uint8_t*>(q->absmax_codes), stored->absmax_codes.data(),
+                               stored->absmax_codes.size());
+        backend.copy_from_host(const_cast<float*>(q->nested_absmax), stored->nested_absmax.data(),
+                               stored->nested_absmax.size() * sizeof(float));
+        q->nested_offset = stored->nested_offset;
+        continue;
+      }
       std::vector<float> weight(static_cast<size_t>(numel));
-      source.read_float(pl.name, pl.shape, weight.data());
+      source.read_float(pl.tensor, weight.data());
       backend.nf4_quantize(weight.data(), numel, const_cast<uint8_t*>(q->packed),
                            const_cast<uint8_t*>(q->absmax_codes), const_cast<float*>(q->nested_absmax),
                            &q->nested_offset);
       continue;
     }
     std::vector<double> values(static_cast<size_t>(numel));
-    source.read_double(pl.name, pl.shape, values.data());
-    if (pl.minus_exp)
+    source.read_double(pl.tensor, values.data());
+    if (pl.tensor.kind == Kind::A_log)  // the model keeps A = -exp(A_log)
       for (double& v : values) v = -std::exp(v);
     const std::vector<std::byte> bytes = encode(values, pl.dtype);
     backend.copy_from_host(const_cast<void*>(*pl.slot), bytes.data(), bytes.size());
@@ -302,16 +325,15 @@ MambaWeights MambaWeights::from_source(MambaConfig config, const TensorSource& s
 void write_random_mamba(const std::filesystem::path& dir, const MambaConfig& c, uint64_t seed) {
   const RandomSource source(c, seed);
   SafetensorsWriter writer;
-  for (const std::string& name : source.names()) {
-    const std::vector<int64_t>& shape = source.shape(name);
-    std::vector<float> values(static_cast<size_t>(element_count(shape)));
-    source.read_float(name, shape, values.data());
-    writer.add_float_as(name, DType::F32, shape, values.data());
+  for (const MambaTensor& t : mamba_tensors(c, source.has_lm_head())) {
+    std::vector<float> values(static_cast<size_t>(t.numel()));
+    source.read_float(t, values.data());
+    writer.add_float_as(t.name, DType::F32, t.shape, values.data());
   }
   std::filesystem::create_directories(dir);
-  writer.write(dir / "model.safetensors");
+  writer.write(dir / kSafetensorsName);
   const std::string json = mamba_config_to_json(c).dump(2) + "\n";
-  write_file_atomically(dir / "config.json", std::as_bytes(std::span(json.data(), json.size())));
+  write_file_atomically(dir / kConfigName, std::as_bytes(std::span(json.data(), json.size())));
 }
 
 }  // namespace ssmtune

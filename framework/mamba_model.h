@@ -4,6 +4,7 @@
 #include <array>
 #include <cstdint>
 #include <filesystem>
+#include <string>
 #include <string_view>
 #include <vector>
 
@@ -20,6 +21,29 @@ std::string_view projection_name(Projection p);
 // [out, in] of a projection for this config.
 std::array<int64_t, 2> projection_shape(const MambaConfig& config, Projection p);
 
+// One tensor of a Mamba checkpoint, by its Hugging Face name and shape (REFERENCE.md §1).
+struct MambaTensor {
+  enum class Kind { embedding, norm, projection, conv_weight, conv_bias, dt_bias, A_log, D, norm_f, lm_head };
+  std::string name;
+  std::vector<int64_t> shape;
+  Kind kind;
+  int64_t layer = -1;                           // -1 outside the layers
+  Projection projection = Projection::in_proj;  // for Kind::projection
+  int64_t numel() const {
+    int64_t n = 1;
+    for (int64_t dim : shape) n *= dim;
+    return n;
+  }
+};
+
+// Every tensor a checkpoint of this config holds, in the order write_random_mamba writes them: the
+// embedding; per layer its norm, the four projections, conv1d weight and bias (with use_conv_bias),
+// dt_proj.bias, A_log and D; then norm_f, and lm_head when `with_lm_head` (an untied head).
+std::vector<MambaTensor> mamba_tensors(const MambaConfig& config, bool with_lm_head);
+
+// Original mamba_ssm files name the embedding without the "s"; read where the HF name is absent.
+inline constexpr const char* kMambaSsmEmbeddingName = "backbone.embedding.weight";
+
 struct MambaLayerWeights {
   const void* norm_weight = nullptr;  // master [d_model]
   const void* conv_weight = nullptr;  // master [d_inner, conv_kernel]
@@ -30,15 +54,16 @@ struct MambaLayerWeights {
   std::array<Nf4Weight, 4> proj;      // indexed by Projection
 };
 
-// Where the weights come from, by tensor name: a safetensors checkpoint or the random initialisation
+// Where the weights come from: a model directory (model_files.h) or the random initialisation
 // (mamba_model.cpp).
 class TensorSource;
 
 class MambaWeights {
  public:
-  // Loads config.json + model.safetensors from an HF directory, quantizing the projections to NF4
-  // through the backend. One allocation planned from the config, then one tensor at a time: host
-  // memory holds a single tensor, never the whole model.
+  // Loads an HF directory (model_files.h: config.json, model.safetensors or shards with an index),
+  // quantizing the projections to NF4 through the backend, or taking them as they are where the
+  // checkpoint holds them pre-quantized by bitsandbytes. One allocation planned from the config, then
+  // one tensor at a time: host memory holds a single tensor, never the whole model.
   static MambaWeights load(const std::filesystem::path& dir, Backend& backend);
   // What write_random_mamba(dir, config, seed) followed by load(dir, backend) gives, built in memory
   // without touching the disk (for benchmarks of models whose fp32 checkpoint would take gigabytes).

@@ -1,5 +1,5 @@
-// The model shapes `ssmtune init` can write: the released Mamba-1 sizes (REFERENCE.md §1) and a tiny
-// one for the demo and the tests.
+// The model shapes `ssmtune init` can write: the released Mamba-1 sizes and falcon-mamba-7b (REFERENCE.md
+// §1), and tiny ones of each kind ("demo", "falcon-demo") for the demo and the tests.
 #pragma once
 #include <string>
 #include <vector>

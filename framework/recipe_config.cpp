@@ -109,6 +109,15 @@ RecipeConfig parse_recipe(const std::string& yaml_text, const std::string& sourc
       {"train.save_every", [&](const std::string& k) { r.save_every = scalar<int64_t>(flat, k, source); }},
       {"train.log_every", [&](const std::string& k) { r.log_every = scalar<int64_t>(flat, k, source); }},
       {"train.resume", [&](const std::string& k) { r.resume = scalar<bool>(flat, k, source); }},
+      {"distributed.strategy",
+       [&](const std::string& k) {
+         const std::string name = scalar<std::string>(flat, k, source);
+         const std::optional<ShardingStrategy> strategy = strategy_from_name(name);
+         if (!strategy) fail("{}: key '{}' must be ddp, zero1 or zero2, got '{}'", source, k, name);
+         r.distributed.strategy = *strategy;
+       }},
+      {"distributed.bucket_mb", [&](const std::string& k) { r.distributed.bucket_mb = scalar<double>(flat, k, source); }},
+      {"distributed.timeout_s", [&](const std::string& k) { r.distributed.timeout_s = scalar<double>(flat, k, source); }},
       {"memory.recompute", [&](const std::string& k) { r.step.recompute = scalar<bool>(flat, k, source); }},
       {"memory.scan_chunk", [&](const std::string& k) { r.step.scan_chunk = scalar<int64_t>(flat, k, source); }},
       {"memory.loss_slice", [&](const std::string& k) { r.step.loss_slice_rows = scalar<int64_t>(flat, k, source); }},
@@ -136,6 +145,10 @@ RecipeConfig parse_recipe(const std::string& yaml_text, const std::string& sourc
   if (r.max_steps <= 0) fail("{}: train.max_steps must be positive, got {}", source, r.max_steps);
   if (r.grad_accum <= 0) fail("{}: train.grad_accum must be positive, got {}", source, r.grad_accum);
   if (r.log_every <= 0) fail("{}: train.log_every must be positive, got {}", source, r.log_every);
+  if (!(r.distributed.bucket_mb > 0))
+    fail("{}: distributed.bucket_mb must be positive, got {}", source, r.distributed.bucket_mb);
+  if (!(r.distributed.timeout_s > 0))
+    fail("{}: distributed.timeout_s must be positive, got {}", source, r.distributed.timeout_s);
   if (r.device != "auto" && r.device != "cpu" && r.device != "cuda")
     fail("{}: device must be auto, cpu or cuda, got '{}'", source, r.device);
   r.optimizer.total_steps = r.max_steps;

@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "distributed/strategy.h"
 #include "framework/lora.h"
 #include "framework/optimizer.h"
 #include "framework/train_step.h"
@@ -27,6 +28,7 @@ struct RecipeConfig {
   uint64_t seed = 0;
   std::filesystem::path output_dir;
   bool resume = false;
+  DistributedConfig distributed;   // how the ranks of an mpirun job share the work
   std::string resolved_yaml;       // the whole recipe after overrides, saved with checkpoints
 };
 

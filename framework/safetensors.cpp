@@ -23,10 +23,6 @@ namespace {
 
 constexpr uint64_t kMaxHeaderBytes = 100'000'000;  // the limit the reference implementation enforces
 
-bool is_floating(DType dtype) {
-  return dtype == DType::F16 || dtype == DType::BF16 || dtype == DType::F32 || dtype == DType::F64;
-}
-
 // Product of the dimensions, or nothing when it does not fit in int64.
 std::optional<int64_t> checked_numel(std::span<const int64_t> shape) {
   int64_t numel = 1;
@@ -231,12 +227,7 @@ namespace {
 template <typename T>
 void read_floating(const SafetensorsFile& file, std::string_view name, std::span<const int64_t> expected_shape,
                    T* out) {
-  const TensorInfo& tensor = file.info(name);
-  if (!std::equal(tensor.shape.begin(), tensor.shape.end(), expected_shape.begin(), expected_shape.end()))
-    fail("{}: tensor '{}' has shape {}, expected {}", file.path().string(), name, tensor.shape, expected_shape);
-  if (!is_floating(tensor.dtype))
-    fail("{}: tensor '{}' has dtype {}, expected a floating-point dtype (F16, BF16, F32, F64)",
-         file.path().string(), name, dtype_name(tensor.dtype));
+  const TensorInfo& tensor = file.float_info(name, expected_shape);
   std::span<const std::byte> bytes = file.bytes(name);
   size_t n = static_cast<size_t>(tensor.numel());
   // Tensors follow each other unpadded, so one may start misaligned for its type.
@@ -251,6 +242,16 @@ void read_floating(const SafetensorsFile& file, std::string_view name, std::span
 }
 
 }  // namespace
+
+const TensorInfo& SafetensorsFile::float_info(std::string_view name, std::span<const int64_t> expected_shape) const {
+  const TensorInfo& tensor = info(name);
+  if (!std::equal(tensor.shape.begin(), tensor.shape.end(), expected_shape.begin(), expected_shape.end()))
+    fail("{}: tensor '{}' has shape {}, expected {}", impl_->path.string(), name, tensor.shape, expected_shape);
+  if (!is_floating_point(tensor.dtype))
+    fail("{}: tensor '{}' has dtype {}, expected a floating-point dtype (F16, BF16, F32, F64)", impl_->path.string(),
+         name, dtype_name(tensor.dtype));
+  return tensor;
+}
 
 void SafetensorsFile::read_float(std::string_view name, std::span<const int64_t> expected_shape, float* out) const {
   read_floating(*this, name, expected_shape, out);
@@ -301,14 +302,30 @@ void SafetensorsWriter::add_float_as(std::string name, DType dtype, std::vector<
 void SafetensorsWriter::set_metadata(std::string key, std::string value) { metadata_[std::move(key)] = std::move(value); }
 
 void SafetensorsWriter::write(const std::filesystem::path& path) const {
+  std::vector<PlannedTensor> planned;
+  planned.reserve(entries_.size());
+  for (const Entry& entry : entries_)
+    planned.push_back({entry.name, entry.dtype, entry.shape, [&entry](std::span<std::byte> out) {
+                         std::copy(entry.bytes.begin(), entry.bytes.end(), out.begin());
+                       }});
+  write_safetensors(path, planned, metadata_);
+}
+
+uint64_t PlannedTensor::byte_size() const { return writer_element_count(name, shape) * dtype_size(dtype); }
+
+void write_safetensors(const std::filesystem::path& path, std::span<const PlannedTensor> tensors,
+                       const std::map<std::string, std::string>& metadata) {
   nlohmann::ordered_json header = nlohmann::ordered_json::object();
-  header["__metadata__"] = metadata_;
+  header["__metadata__"] = metadata;
   uint64_t offset = 0;
-  for (const Entry& entry : entries_) {
-    header[entry.name] = {{"dtype", dtype_name(entry.dtype)},
-                          {"shape", entry.shape},
-                          {"data_offsets", {offset, offset + entry.bytes.size()}}};
-    offset += entry.bytes.size();
+  for (const PlannedTensor& tensor : tensors) {
+    if (tensor.name == "__metadata__") fail("{}: tensor name '__metadata__' is reserved", path.string());
+    if (header.contains(tensor.name)) fail("{}: duplicate tensor '{}'", path.string(), tensor.name);
+    const uint64_t size = tensor.byte_size();
+    header[tensor.name] = {{"dtype", dtype_name(tensor.dtype)},
+                           {"shape", tensor.shape},
+                           {"data_offsets", {offset, offset + size}}};
+    offset += size;
   }
   std::string text;
   try {
@@ -323,8 +340,12 @@ void SafetensorsWriter::write(const std::filesystem::path& path) const {
   write_file_atomically(path, [&](std::FILE* file) {
     std::fwrite(length, 1, 8, file);
     std::fwrite(text.data(), 1, text.size(), file);
-    for (const Entry& entry : entries_)
-      if (!entry.bytes.empty()) std::fwrite(entry.bytes.data(), 1, entry.bytes.size(), file);
+    std::vector<std::byte> buffer;
+    for (const PlannedTensor& tensor : tensors) {
+      buffer.assign(tensor.byte_size(), std::byte{0});
+      tensor.fill(buffer);
+      if (!buffer.empty()) std::fwrite(buffer.data(), 1, buffer.size(), file);
+    }
   });
 }
 

@@ -5,6 +5,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <filesystem>
+#include <functional>
 #include <map>
 #include <memory>
 #include <set>
@@ -45,8 +46,10 @@ class SafetensorsFile {
   std::span<const std::byte> bytes(std::string_view name) const;
   const std::map<std::string, std::string>& metadata() const;
 
-  // Checks the shape and converts a floating-point tensor (F16, BF16, F32, F64) into out[numel];
-  // another shape or dtype is an Error naming the file, the tensor and both sides.
+  // The tensor's info once its shape is `expected_shape` and its dtype floating point (F16, BF16, F32,
+  // F64); another shape or dtype is an Error naming the file, the tensor and both sides.
+  const TensorInfo& float_info(std::string_view name, std::span<const int64_t> expected_shape) const;
+  // Checks as float_info and converts the tensor into out[numel].
   void read_float(std::string_view name, std::span<const int64_t> expected_shape, float* out) const;
   void read_double(std::string_view name, std::span<const int64_t> expected_shape, double* out) const;
 
@@ -55,6 +58,24 @@ class SafetensorsFile {
   explicit SafetensorsFile(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;
 };
+
+// A tensor whose bytes are produced only while its file is written, so that a file of many gigabytes
+// (an exported model) never has to sit in memory whole: `fill` receives a buffer of exactly the
+// tensor's size and must write every byte of it.
+struct PlannedTensor {
+  std::string name;
+  DType dtype = DType::F32;
+  std::vector<int64_t> shape;
+  std::function<void(std::span<std::byte>)> fill;
+  uint64_t byte_size() const;  // Error for a negative or overflowing shape
+};
+
+// Writes the tensors in order, calling each fill once, one tensor in memory at a time. Atomic
+// (write_file_atomically); the header is padded with spaces to a multiple of 8 bytes so the data
+// section starts 8-byte aligned. Errors: a duplicate or reserved name, a negative dimension, a name or
+// metadata string that is not UTF-8.
+void write_safetensors(const std::filesystem::path& path, std::span<const PlannedTensor> tensors,
+                       const std::map<std::string, std::string>& metadata);
 
 // Collects tensors (copying their bytes) and writes them in insertion order.
 class SafetensorsWriter {
@@ -65,8 +86,7 @@ class SafetensorsWriter {
   void add_float_as(std::string name, DType dtype, std::vector<int64_t> shape, const float* data);
   // The file always carries {"format": "pt"} unless this sets "format" to something else.
   void set_metadata(std::string key, std::string value);
-  // Atomic (write_file_atomically); the header is padded with spaces to a multiple of 8 bytes so the
-  // data section starts 8-byte aligned.
+  // As write_safetensors.
   void write(const std::filesystem::path& path) const;
 
  private:

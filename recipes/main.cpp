@@ -1,5 +1,5 @@
-// The ssmtune command: train, init, export and demo-data. Every error a user can cause ends here as
-// one line naming the file, key or tensor, and a non-zero exit.
+// The ssmtune command: train, init, quantize, export and demo-data. Every error a user can cause ends
+// here as one line naming the file, key or tensor, and a non-zero exit.
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
 
@@ -10,7 +10,9 @@
 #include "distributed/process_group.h"
 #include "framework/error.h"
 #include "framework/mamba_model.h"
+#include "framework/merged_export.h"
 #include "framework/peft_export.h"
+#include "framework/quantize_model.h"
 #include "framework/recipe_config.h"
 #include "framework/trainer.h"
 #include "framework/model_sizes.h"
@@ -28,6 +30,26 @@ int train(const std::string& config, const std::vector<std::string>& overrides, 
   return 0;
 }
 
+// --dtype of the merged export.
+DType merged_dtype(const std::string& name) {
+  if (name == "f32") return DType::F32;
+  if (name == "f16") return DType::F16;
+  return DType::BF16;  // CLI11 has checked it is one of the three
+}
+
+void export_checkpoint(const std::string& checkpoint, const std::string& format, const std::string& out,
+                       const MergedExportOptions& merged, const std::vector<std::string>& merged_only_options) {
+  if (format == "peft") {
+    if (!merged_only_options.empty())
+      fail("{} only applies to --format merged", fmt::join(merged_only_options, ", "));
+    for (const std::string& warning : export_peft_adapter(checkpoint, out)) fmt::print(stderr, "warning: {}\n", warning);
+    fmt::print("wrote a PEFT adapter to {}\n", out);
+    return;
+  }
+  export_merged_model(checkpoint, out, merged);
+  fmt::print("wrote the merged model to {}\n", out);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -41,7 +63,7 @@ int main(int argc, char** argv) {
   train_cmd->add_option("--config", config, "recipe YAML file")->required();
   train_cmd->add_option("overrides", overrides, "dotted.key=value overrides of recipe keys");
 
-  std::string size, out, checkpoint, format = "peft";
+  std::string size, out, checkpoint, model, format = "peft", dtype = "bf16", max_shard_size = "5GB";
   uint64_t seed = 0;
   uint64_t documents = 4000;
   CLI::App* init_cmd = app.add_subcommand("init", "write a randomly initialised base model in HF format");
@@ -50,10 +72,25 @@ int main(int argc, char** argv) {
   init_cmd->add_option("--out", out, "output directory")->required();
   init_cmd->add_option("--seed", seed, "random seed");
 
+  CLI::App* quantize_cmd =
+      app.add_subcommand("quantize", "write a base model as a bitsandbytes NF4 checkpoint (HF format)");
+  quantize_cmd->add_option("--model", model, "base model directory (HF format)")->required();
+  quantize_cmd->add_option("--out", out, "output directory (new or empty)")->required();
+  quantize_cmd->add_option("--max-shard-size", max_shard_size, "largest safetensors file, e.g. 5GB, 500MB");
+
   CLI::App* export_cmd = app.add_subcommand("export", "export a checkpoint for other tools");
   export_cmd->add_option("--checkpoint", checkpoint, "checkpoint directory (…/checkpoints/step_N)")->required();
-  export_cmd->add_option("--format", format, "peft")->check(CLI::IsMember({"peft"}));
-  export_cmd->add_option("--out", out, "output directory")->required();
+  export_cmd
+      ->add_option("--format", format,
+                   "peft: the adapter for PEFT; merged: the base model with the adapters merged in (HF format)")
+      ->check(CLI::IsMember({"peft", "merged"}));
+  export_cmd->add_option("--out", out, "output directory (merged: new or empty)")->required();
+  CLI::Option* model_opt =
+      export_cmd->add_option("--model", model, "merged: the base model (default: model.path of the checkpoint's recipe)");
+  CLI::Option* dtype_opt = export_cmd->add_option("--dtype", dtype, "merged: dtype of the weights (default bf16)")
+                               ->check(CLI::IsMember({"f32", "bf16", "f16"}));
+  CLI::Option* shard_opt =
+      export_cmd->add_option("--max-shard-size", max_shard_size, "merged: largest safetensors file (default 5GB)");
 
   CLI::App* demo_cmd = app.add_subcommand("demo-data", "write the synthetic demo data set (HDF5)");
   demo_cmd->add_option("--out", out, "output .h5 file")->required();
@@ -72,9 +109,15 @@ int main(int argc, char** argv) {
     if (*init_cmd) {
       write_random_mamba(out, model_size(size), seed);
       fmt::print("wrote a random {} model to {}\n", size, out);
+    } else if (*quantize_cmd) {
+      write_quantized_model(model, out, parse_byte_size(max_shard_size, "--max-shard-size"));
+      fmt::print("wrote the NF4-quantized model to {}\n", out);
     } else if (*export_cmd) {
-      for (const std::string& warning : export_peft_adapter(checkpoint, out)) fmt::print(stderr, "warning: {}\n", warning);
-      fmt::print("wrote a PEFT adapter to {}\n", out);
+      std::vector<std::string> merged_only;
+      for (const CLI::Option* option : {model_opt, dtype_opt, shard_opt})
+        if (option->count() > 0) merged_only.push_back(option->get_name());
+      const MergedExportOptions merged{model, merged_dtype(dtype), parse_byte_size(max_shard_size, "--max-shard-size")};
+      export_checkpoint(checkpoint, format, out, merged, merged_only);
     } else if (*demo_cmd) {
       if (std::filesystem::path(out).has_parent_path()) std::filesystem::create_directories(std::filesystem::path(out).parent_path());
       write_token_dataset(out, make_demo_dataset(seed, documents));

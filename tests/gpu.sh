@@ -5,6 +5,7 @@
 #   demo   the demo recipe with device=cuda
 #   130m   the mamba-130m recipe on a randomly initialised model and the demo data, 30 steps
 #   bench  build-gpu/recipes/ssmtune-bench (arguments after `--` go to it)
+#   multi  (two GPUs or more) ctest -L multi_gpu, then ssmtune-bench-dist on 2 ranks through mpirun
 # Full logs go under $OUT (or gpu-logs/); a summary of each stage is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -45,6 +46,13 @@ for stage in "${stages[@]}"; do
     bench) build-gpu/recipes/ssmtune-bench "$@" --json "$out/bench.json" >"$out/bench.log" 2>&1
            summary+=("bench: exit $? (log: $out/bench.log)")
            tail -60 "$out/bench.log" ;;
+    multi) (cd build-gpu && ctest -L multi_gpu --output-on-failure) >"$out/ctest_multi.log" 2>&1
+           summary+=("multi_gpu tests: $(grep -E 'tests passed|tests failed' "$out/ctest_multi.log")")
+           grep -E "Failed|FAILED|failed" "$out/ctest_multi.log" | head -20
+           mpirun --allow-run-as-root -np 2 --bind-to none -x NCCL_NVLS_ENABLE=0 \
+             build-gpu/recipes/ssmtune-bench-dist --json "$out/dist.json" >"$out/bench_dist.log" 2>&1
+           summary+=("bench-dist: exit $? (log: $out/bench_dist.log)")
+           tail -30 "$out/bench_dist.log" ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
 done

@@ -3,20 +3,12 @@
 #include <cuda_runtime.h>
 
 #include <cstdio>
-#include <cstring>
 
-#if __has_include(<catch2/catch_session.hpp>)
-#include <catch2/catch_session.hpp>
-#else
-#define CATCH_CONFIG_RUNNER
-#include <catch2/catch.hpp>
-#endif
+#include "tests/catch_runner.h"
 
 int main(int argc, char** argv) {
-  bool listing = false;
-  for (int i = 1; i < argc; ++i) listing |= std::strncmp(argv[i], "--list", 6) == 0;
   int devices = 0;
-  if (!listing && (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0)) {
+  if (!ssmtune::test::listing_tests(argc, argv) && (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0)) {
     std::puts("no CUDA device: skipped");
     return 77;
   }

@@ -2,6 +2,8 @@
 #include <cuda_runtime.h>
 
 #include <climits>
+#include <cstdint>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -86,19 +88,61 @@ __global__ void nf4_nested_kernel(const float* __restrict__ block_absmax, int64_
   absmax_codes[b] = nested > 0.0f ? dynamic_map_search(__fmul_rn(centred, __frcp_rn(nested)), map) : 0;
 }
 
-// One thread per packed byte (two weights). The products and the sum are rounded separately
-// (__fmul_rn/__fadd_rn: no fused multiply-add), so the result equals the CPU reference bit for bit
+// Dequantization: each thread expands kDequantBytes packed bytes (one 8-byte load) into 16 bf16 (two
+// 16-byte stores), so the kernel moves wide words, near copy bandwidth; the last numel % 16 elements go
+// one byte per thread. A 64-block is 4 threads' bytes: each computes the block's absmax itself, once. The
+// NF4 code is read from shared memory, where the lanes' different nibbles hit different banks (constant
+// memory would serialize them).
+constexpr int kDequantThreads = 256;
+constexpr int64_t kDequantBytes = 8;
+static_assert(cpu::kNf4BlockSize % (2 * kDequantBytes) == 0, "a thread's bytes lie in one 64-block");
+
+// Both levels for the 64-block holding `element`. The products and the sum are rounded separately
+// (__fmul_rn/__fadd_rn: no fused multiply-add), so every weight equals the CPU reference bit for bit
 // before the final rounding to bf16.
-__global__ void nf4_dequantize_kernel(const uint8_t* __restrict__ packed, const uint8_t* __restrict__ absmax_codes,
-                                      const float* __restrict__ nested_absmax, float nested_offset,
-                                      int64_t num_bytes, __nv_bfloat162* __restrict__ out) {
+__device__ float dequantized_absmax(const uint8_t* __restrict__ absmax_codes, const float* __restrict__ nested_absmax,
+                                    float nested_offset, int64_t element) {
+  const int64_t block = element / cpu::kNf4BlockSize;
+  return __fadd_rn(__fmul_rn(dynamic_map[absmax_codes[block]], nested_absmax[block / cpu::kNf4NestedBlockSize]),
+                   nested_offset);
+}
+
+// The two weights of a packed byte (even element in the high nibble) as a bf16 pair, first in the low half.
+__device__ uint32_t dequantize_byte(uint32_t byte, float absmax, const float* code) {
+  const __nv_bfloat162 pair =
+      __floats2bfloat162_rn(__fmul_rn(code[byte >> 4], absmax), __fmul_rn(code[byte & 0x0F], absmax));
+  uint32_t bits;
+  memcpy(&bits, &pair, sizeof(bits));
+  return bits;
+}
+
+// Threads [0, full_groups) take kDequantBytes bytes each; the next tail_bytes threads one byte each.
+// packed must be 8-byte and out 16-byte aligned (checked by the launcher).
+__global__ void __launch_bounds__(kDequantThreads)
+    nf4_dequantize_kernel(const uint8_t* __restrict__ packed, const uint8_t* __restrict__ absmax_codes,
+                          const float* __restrict__ nested_absmax, float nested_offset, int64_t full_groups,
+                          int64_t tail_bytes, uint32_t* __restrict__ out) {
+  __shared__ float code[16];
+  if (threadIdx.x < 16) code[threadIdx.x] = nf4_code[threadIdx.x];
+  __syncthreads();
   const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (j >= num_bytes) return;
-  const int64_t block = (2 * j) / cpu::kNf4BlockSize;
-  const float absmax = __fadd_rn(
-      __fmul_rn(dynamic_map[absmax_codes[block]], nested_absmax[block / cpu::kNf4NestedBlockSize]), nested_offset);
-  const uint8_t byte = packed[j];
-  out[j] = __floats2bfloat162_rn(__fmul_rn(nf4_code[byte >> 4], absmax), __fmul_rn(nf4_code[byte & 0x0F], absmax));
+  if (j < full_groups) {
+    const uint2 bytes = reinterpret_cast<const uint2*>(packed)[j];
+    const float absmax = dequantized_absmax(absmax_codes, nested_absmax, nested_offset, j * 2 * kDequantBytes);
+    uint32_t pairs[kDequantBytes];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      pairs[k] = dequantize_byte((bytes.x >> (8 * k)) & 0xFF, absmax, code);
+      pairs[4 + k] = dequantize_byte((bytes.y >> (8 * k)) & 0xFF, absmax, code);
+    }
+    uint4* target = reinterpret_cast<uint4*>(out + j * kDequantBytes);
+    target[0] = make_uint4(pairs[0], pairs[1], pairs[2], pairs[3]);
+    target[1] = make_uint4(pairs[4], pairs[5], pairs[6], pairs[7]);
+  } else if (j < full_groups + tail_bytes) {
+    const int64_t byte = full_groups * kDequantBytes + (j - full_groups);
+    out[byte] = dequantize_byte(packed[byte],
+                                dequantized_absmax(absmax_codes, nested_absmax, nested_offset, 2 * byte), code);
+  }
 }
 
 }  // namespace
@@ -146,12 +190,19 @@ void nf4_quantize(const float* w, int64_t numel, uint8_t* packed, uint8_t* absma
 
 void nf4_dequantize_bf16(const uint8_t* packed, const uint8_t* absmax_codes, const float* nested_absmax,
                          float nested_offset, int64_t numel, uint16_t* out, void* stream) {
+  if (numel < 0 || numel % 2 != 0)
+    throw std::invalid_argument("nf4_dequantize_bf16: numel must be even and non-negative, got " +
+                                std::to_string(numel));
+  if (reinterpret_cast<uintptr_t>(packed) % kDequantBytes != 0 || reinterpret_cast<uintptr_t>(out) % 16 != 0)
+    throw std::invalid_argument("nf4_dequantize_bf16: packed must be 8-byte and out 16-byte aligned");
   const int64_t num_bytes = numel / 2;
-  constexpr int kThreads = 256;
-  const int64_t blocks = (num_bytes + kThreads - 1) / kThreads;
+  const int64_t full_groups = num_bytes / kDequantBytes, tail_bytes = num_bytes % kDequantBytes;
+  const int64_t blocks = (full_groups + tail_bytes + kDequantThreads - 1) / kDequantThreads;
   if (blocks == 0) return;
-  nf4_dequantize_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
-      packed, absmax_codes, nested_absmax, nested_offset, num_bytes, reinterpret_cast<__nv_bfloat162*>(out));
+  if (blocks > INT_MAX)
+    throw std::invalid_argument("nf4_dequantize_bf16: " + std::to_string(numel) + " elements exceed one launch");
+  nf4_dequantize_kernel<<<static_cast<unsigned>(blocks), kDequantThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+      packed, absmax_codes, nested_absmax, nested_offset, full_groups, tail_bytes, reinterpret_cast<uint32_t*>(out));
   SSMTUNE_CUDA_CHECK(cudaGetLastError(), "nf4_dequantize_bf16 launch");
 }
 

@@ -2,6 +2,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <initializer_list>
 #include <stdexcept>
 #include <string>
 
@@ -28,19 +29,22 @@ __device__ void load_weight(const float* weight, int64_t i, float (&w)[V]) {
   }
 }
 
-// Sum over the block (blockDim.x a multiple of 32) by a fixed tree, so the result is the same on every run;
-// every thread gets it. The xor butterfly leaves the same value in all lanes, since a + b == b + a exactly.
-// Called once per kernel: a second call would need a barrier before partial is rewritten.
-__device__ float block_sum(float value, float* partial) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) value += __shfl_xor_sync(0xffffffffu, value, offset);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (lane == 0) partial[warp] = value;
-  __syncthreads();
-  value = lane < static_cast<int>(blockDim.x / 32) ? partial[lane] : 0.0f;
+// Sum over the warp by the xor butterfly: a fixed order, and every lane gets the same value,
+// since a + b == b + a exactly.
+__device__ float warp_sum(float value) {
 #pragma unroll
   for (int offset = 16; offset > 0; offset /= 2) value += __shfl_xor_sync(0xffffffffu, value, offset);
   return value;
+}
+
+// Sum over the block (blockDim.x a multiple of 32) by a fixed tree, so the result is the same on every run;
+// every thread gets it. Called once per kernel: a second call would need a barrier before partial is rewritten.
+__device__ float block_sum(float value, float* partial) {
+  value = warp_sum(value);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) partial[warp] = value;
+  __syncthreads();
+  return warp_sum(lane < static_cast<int>(blockDim.x / 32) ? partial[lane] : 0.0f);
 }
 
 // Calls f(i, column) for item i of this thread, the vector of V values at column (i * blockDim.x +
@@ -129,6 +133,54 @@ __global__ void __launch_bounds__(kMaxThreads)
   });
 }
 
+// The weightless norm's rows are narrow (d_state 16, dt_rank up to a few hundred) and there are many of
+// them: one warp per row, lanes striding across the row, several rows per block. Each row is read twice
+// (the sum, then the output); the second read hits the cache, and these rows are a small share of a
+// layer's traffic either way.
+constexpr int kWeightlessRowsPerBlock = 8;
+
+// The warp's row, or -1 past the end; a whole warp shares its row, so the shuffles see all 32 lanes.
+__device__ int64_t weightless_row(int64_t rows) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWeightlessRowsPerBlock + threadIdx.x / 32;
+  return row < rows ? row : -1;
+}
+
+__global__ void __launch_bounds__(kWeightlessRowsPerBlock * 32)
+    weightless_rmsnorm_forward_kernel(const __nv_bfloat16* __restrict__ x, int64_t ldx, __nv_bfloat16* __restrict__ y,
+                                      int64_t ldy, float* __restrict__ rstd, int64_t rows, int64_t dim, float eps) {
+  const int64_t row = weightless_row(rows);
+  if (row < 0) return;
+  const int lane = threadIdx.x % 32;
+  x += row * ldx;
+  y += row * ldy;
+  float sum_sq = 0.0f;
+  for (int64_t i = lane; i < dim; i += 32) {
+    const float v = __bfloat162float(x[i]);
+    sum_sq += v * v;
+  }
+  const float row_rstd = 1.0f / sqrtf(warp_sum(sum_sq) / static_cast<float>(dim) + eps);
+  if (lane == 0) rstd[row] = row_rstd;
+  for (int64_t i = lane; i < dim; i += 32) y[i] = __float2bfloat16_rn(__bfloat162float(x[i]) * row_rstd);
+}
+
+__global__ void __launch_bounds__(kWeightlessRowsPerBlock * 32)
+    weightless_rmsnorm_backward_kernel(const __nv_bfloat16* __restrict__ x, int64_t ldx, const float* __restrict__ rstd,
+                                       const __nv_bfloat16* __restrict__ dy, int64_t lddy,
+                                       __nv_bfloat16* __restrict__ dx, int64_t lddx, int64_t rows, int64_t dim) {
+  const int64_t row = weightless_row(rows);
+  if (row < 0) return;
+  const int lane = threadIdx.x % 32;
+  x += row * ldx;
+  dy += row * lddy;
+  dx += row * lddx;
+  float dot = 0.0f;
+  for (int64_t i = lane; i < dim; i += 32) dot += __bfloat162float(dy[i]) * __bfloat162float(x[i]);
+  const float row_rstd = rstd[row];
+  const float x_coeff = row_rstd * row_rstd * row_rstd * warp_sum(dot) / static_cast<float>(dim);
+  for (int64_t i = lane; i < dim; i += 32)
+    dx[i] = __float2bfloat16_rn(row_rstd * __bfloat162float(dy[i]) - __bfloat162float(x[i]) * x_coeff);
+}
+
 bool aligned(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
 // Threads for a row: whole warps with kValuesPerThread values each, whichever the vector width.
@@ -144,6 +196,17 @@ void check_shape(const char* op, int64_t rows, int64_t dim) {
   if (rows < 0 || rows > INT32_MAX || dim < 1)
     throw std::invalid_argument(std::string(op) + ": needs 0 <= rows < 2^31 and dim >= 1, got rows " +
                                 std::to_string(rows) + ", dim " + std::to_string(dim));
+}
+
+void check_strides(const char* op, int64_t dim, std::initializer_list<int64_t> strides) {
+  for (const int64_t ld : strides)
+    if (ld < dim)
+      throw std::invalid_argument(std::string(op) + ": row stride " + std::to_string(ld) + " is below dim " +
+                                  std::to_string(dim));
+}
+
+unsigned weightless_blocks(int64_t rows) {
+  return static_cast<unsigned>((rows + kWeightlessRowsPerBlock - 1) / kWeightlessRowsPerBlock);
 }
 
 }  // namespace
@@ -188,6 +251,29 @@ void rmsnorm_backward(const float* x, const float* weight, const float* rstd, co
         <<<static_cast<unsigned>(rows), threads, 0, cuda_stream>>>(x, weight, rstd, dy_bf16, dx, dx_act_bf16, dim);
   }
   SSMTUNE_CUDA_CHECK(cudaGetLastError(), "rmsnorm_backward launch");
+}
+
+void weightless_rmsnorm_forward(const uint16_t* x, int64_t ldx, uint16_t* y, int64_t ldy, float* rstd, int64_t rows,
+                                int64_t dim, float eps, void* stream) {
+  check_shape("weightless_rmsnorm_forward", rows, dim);
+  check_strides("weightless_rmsnorm_forward", dim, {ldx, ldy});
+  if (rows == 0) return;
+  weightless_rmsnorm_forward_kernel<<<weightless_blocks(rows), kWeightlessRowsPerBlock * 32, 0,
+                                      static_cast<cudaStream_t>(stream)>>>(
+      reinterpret_cast<const __nv_bfloat16*>(x), ldx, reinterpret_cast<__nv_bfloat16*>(y), ldy, rstd, rows, dim, eps);
+  SSMTUNE_CUDA_CHECK(cudaGetLastError(), "weightless_rmsnorm_forward launch");
+}
+
+void weightless_rmsnorm_backward(const uint16_t* x, int64_t ldx, const float* rstd, const uint16_t* dy, int64_t lddy,
+                                 uint16_t* dx, int64_t lddx, int64_t rows, int64_t dim, void* stream) {
+  check_shape("weightless_rmsnorm_backward", rows, dim);
+  check_strides("weightless_rmsnorm_backward", dim, {ldx, lddy, lddx});
+  if (rows == 0) return;
+  weightless_rmsnorm_backward_kernel<<<weightless_blocks(rows), kWeightlessRowsPerBlock * 32, 0,
+                                       static_cast<cudaStream_t>(stream)>>>(
+      reinterpret_cast<const __nv_bfloat16*>(x), ldx, rstd, reinterpret_cast<const __nv_bfloat16*>(dy), lddy,
+      reinterpret_cast<__nv_bfloat16*>(dx), lddx, rows, dim);
+  SSMTUNE_CUDA_CHECK(cudaGetLastError(), "weightless_rmsnorm_backward launch");
 }
 
 }  // namespace ssmtune::cuda

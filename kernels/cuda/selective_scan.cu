@@ -6,11 +6,11 @@
 // the same for every channel, are staged once per block in shared memory and read as broadcasts.
 //
 // Forward, three launches:
-//   local    per chunk, the end state from a zero start (written into chunk_states);
+//   local    per chunk, the end state from a zero start (written into chunk_states), and the chunk's
+//            sum of delta (softplus(delta + bias), formed per token anyway) into the workspace;
 //   carry    per (batch, channel, state), sequentially over chunks:
-//            h_end[c] = local[c] + exp(A * sum_{t in c} delta_t) * h_end[c-1]. The forward has no workspace,
-//            so the per-chunk sums of delta are recomputed here (one more read of delta, ~10% of the
-//            forward's bytes) instead of being stored by `local`;
+//            h_end[c] = local[c] + exp(A * sum_{t in c} delta_t) * h_end[c-1], reading those sums (1 MB at
+//            the benchmark shape) instead of delta again (34 MB);
 //   output   per chunk, the scan again from the true start state, writing out = y * silu(z).
 // Backward, four launches:
 //   local    per chunk, from the saved start state (chunk_states[c-1]), a forward walk that writes a
@@ -29,11 +29,11 @@
 // Costs at the benchmark shape (batch 2, dim 4096, len 2048, N 16, chunk 64: E = 16.8M (b,t,d), E*N =
 // 268M state updates, 524K warp-tokens; H100 ceilings: 3.0 TB/s; MUFU 16 lanes/clk/SM, i.e. a warp's
 // MUFU op costs an SM 2 cycles; 4 warp instructions issued per clk per SM; 132 SMs at ~1.75 GHz):
-//   forward, bytes: local 67 MB (u, delta) + 17 (states); carry 34 (delta) + 34 (states); output 101
-//     (u, delta, z) + 17 + 34 (out) = ~300 MB = ~100 us. Every exp(delta*A) is one MUFU ex2 (A is
-//     pre-scaled by log2 e): per warp-token 16 + ~2 for softplus/sigmoid, i.e. ~36 SM cycles, against ~110
-//     issued instructions (~28 cycles, from the SASS), so the local and output kernels are MUFU-bound at
-//     ~80 us each: forward ~180-200 us (mamba-ssm: 334 us).
+//   forward, bytes: local 67 MB (u, delta) + 17 (states) + 1 (delta sums); carry 1 (delta sums) + 34
+//     (states); output 101 (u, delta, z) + 17 + 34 (out) = ~270 MB = ~90 us. Every exp(delta*A) is one
+//     MUFU ex2 (A is pre-scaled by log2 e): per warp-token 16 + ~2 for softplus/sigmoid, i.e. ~36 SM
+//     cycles, against ~110 issued instructions (~28 cycles, from the SASS), so the local and output
+//     kernels are MUFU-bound at ~80 us each: forward ~180-200 us (mamba-ssm: 334 us).
 //   backward, bytes: u, delta, z, dout read twice (268 MB), checkpoints every 8 tokens written and read
 //     (235), du, ddelta, dz (101), carries and partials (~100): ~700 MB = ~240 us. The local kernel is
 //     balanced (~170 instructions and ~38 MUFU cycles per warp-token, ~300 MB): ~100 us. The chunk kernel
@@ -41,6 +41,12 @@
 //     butterfly's shuffles, adds and selects; ~130 for recomputing states; the rest softplus and
 //     addressing) against ~100 MUFU cycles, so it is issue-bound, ~370 us. Backward ~500 us; fwd+bwd
 //     ~700 us against mamba-ssm's 1681 us.
+// Measured (ncu, base clocks, before the workspace): forward local 160 us, carry 62, output 238, all three
+// latency-bound (half the stalls on global loads, occupancy 25-50%). Predicted after it: carry ~15-20 us
+// (35 MB instead of 68; 512 blocks of 256 threads at 58 registers all resident in one wave, where the old
+// 256 blocks of 512 threads at 85 registers fit one per SM and took two waves); local unchanged, ~160 us
+// (one add per token, 62 registers: the same 8 blocks per SM); output ~190-200 us (8 tokens' loads in
+// flight instead of 4 at the same 6 blocks per SM). Forward ~460 -> ~370 us.
 // Checkpoints every kSegment = 8 tokens and recompute windows of kRecompute = 4 states balance register
 // pressure (64 registers of states; the chunk kernel fits 168 registers, three blocks per SM) against
 // checkpoint traffic: the second window of a segment first advances 4 tokens from the checkpoint, half a
@@ -64,13 +70,15 @@ constexpr int kState = 16;
 constexpr int kChannels = 128;  // threads (channels) per block of the per-chunk kernels
 constexpr int kWarps = kChannels / 32;
 constexpr int kTile = 64;        // tokens whose B, C rows are staged in shared memory at a time
-constexpr int kGroup = 4;        // tokens whose inputs are loaded together, so that their latencies overlap
+// Tokens whose inputs are loaded together, so that their latencies overlap. The output kernel loads 8 at
+// the same occupancy as 4 (80 registers, 6 blocks per SM); the local kernels would spill or lose a block
+// per SM at 8 (nvcc --resource-usage), so they load 4.
+constexpr int kGroup = 4;
+constexpr int kOutputGroup = 8;
 constexpr int kRecompute = 4;    // backward: states recomputed into registers at a time
 constexpr int kSegment = 2 * kRecompute;  // backward: tokens between checkpoints
-constexpr int kCarryChannels = 32;        // forward carry: channels per block
-constexpr int kCarryThreads = kCarryChannels * kState;
-constexpr int kCarryTile = kCarryThreads / 32;  // forward carry: chunks whose delta sums are formed at a time
-constexpr int kFlatThreads = 256;               // the kernels with one thread per output element
+constexpr int kCarryTile = 16;            // forward carry: chunks whose inputs are loaded together
+constexpr int kFlatThreads = 256;         // the kernels with one thread per output element
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
@@ -178,7 +186,7 @@ __device__ void stage_rows(const ScanArgs& a, int64_t b, int64_t t_begin, int co
   }
 }
 
-// One channel's inputs at up to kGroup consecutive tokens; pre = delta + delta_bias. Zeros where not loaded.
+// One channel's inputs at up to kGroupSize consecutive tokens; pre = delta + delta_bias. Zeros where not loaded.
 template <int kGroupSize>
 struct Tokens {
   float u[kGroupSize] = {}, pre[kGroupSize] = {}, z[kGroupSize] = {}, dout[kGroupSize] = {};
@@ -225,9 +233,9 @@ __device__ void load_chunk_start(const ScanArgs& a, const float* chunk_states, c
 }
 
 // Walks the block's chunk from first to last token: the B rows (and C rows when kWithC) staged kTile tokens
-// at a time, the channel's inputs loaded kGroup tokens at a time; token(t, x, k, bc_row) is called for every
+// at a time, the channel's inputs loaded kGroupSize tokens at a time; token(t, x, k, bc_row) is called for every
 // token t, x.*[k] holding its inputs. `rows` is the block's staging area; the barriers are block-wide.
-template <bool kWithC, bool kWithZ, bool kWithDout, typename Token>
+template <int kGroupSize, bool kWithC, bool kWithZ, bool kWithDout, typename Token>
 __device__ __forceinline__ void walk_chunk(const ScanArgs& a, const ChunkBlock& blk, const Channel& ch,
                                            const __nv_bfloat16* dout, float (*rows)[2 * kState], Token&& token) {
   for (int64_t tile = blk.t0; tile < blk.t_end; tile += kTile) {
@@ -235,73 +243,75 @@ __device__ __forceinline__ void walk_chunk(const ScanArgs& a, const ChunkBlock& 
     __syncthreads();  // the previous tile's rows have been read
     stage_rows<kWithC>(a, blk.b, tile, tile_len, rows);
     __syncthreads();
-    for (int i = 0; i < tile_len; i += kGroup) {
-      const int count = min(kGroup, tile_len - i);
-      const Tokens<kGroup> x = load_tokens<kGroup, kWithZ, kWithDout>(a, ch, blk.b, tile + i, count, dout);
+    for (int i = 0; i < tile_len; i += kGroupSize) {
+      const int count = min(kGroupSize, tile_len - i);
+      const Tokens<kGroupSize> x = load_tokens<kGroupSize, kWithZ, kWithDout>(a, ch, blk.b, tile + i, count, dout);
 #pragma unroll
-      for (int k = 0; k < kGroup; ++k)
+      for (int k = 0; k < kGroupSize; ++k)
         if (k < count) token(tile + i + k, x, k, rows[i + k]);
     }
   }
 }
 
-__global__ void __launch_bounds__(kChannels) forward_local_kernel(ScanArgs a, float* chunk_states) {
+__device__ __forceinline__ int64_t sumdelta_index(const ScanArgs& a, int64_t b, int64_t c, int d) {
+  return (b * a.num_chunks + c) * a.dim + d;
+}
+
+// Also leaves sum_{t in chunk} softplus(delta_t + bias) in sumdelta [batch, chunks, dim] for the carry.
+__global__ void __launch_bounds__(kChannels, 8)
+    forward_local_kernel(ScanArgs a, float* chunk_states, float* sumdelta) {
   __shared__ __align__(16) float rows[kTile][2 * kState];
   const ChunkBlock blk = chunk_block(a);
   const Channel ch = load_channel(a, blk.dim_block * kChannels + threadIdx.x);
   float h[kState] = {};
-  walk_chunk<false, false, false>(a, blk, ch, nullptr, rows,
-                                  [&](int64_t, const Tokens<kGroup>& x, int k, const float* bc_row) {
-                                    scan_step(h, ch.A2, softplus(x.pre[k]), x.u[k], bc_row);
-                                  });
+  float dt_sum = 0.0f;
+  walk_chunk<kGroup, false, false, false>(a, blk, ch, nullptr, rows,
+                                          [&](int64_t, const Tokens<kGroup>& x, int k, const float* bc_row) {
+                                            const float dt = softplus(x.pre[k]);
+                                            dt_sum += dt;
+                                            scan_step(h, ch.A2, dt, x.u[k], bc_row);
+                                          });
   if (ch.active) {
     float* p = chunk_states + state_index(a, blk.b, blk.c, ch.d);
 #pragma unroll
     for (int n = 0; n < kState; ++n) p[n] = h[n];
+    sumdelta[sumdelta_index(a, blk.b, blk.c, ch.d)] = dt_sum;
   }
 }
 
-// Phase one: warp w sums softplus(delta + bias) over chunk c0 + w for the 32 channels of its lanes (rows of
-// delta read coalesced). Phase two: 16 threads per channel, one state each, walk the kCarryTile chunks.
-__global__ void __launch_bounds__(kCarryThreads) forward_carry_kernel(ScanArgs a, float* chunk_states) {
-  __shared__ float sumdelta[kCarryTile][kCarryChannels];
-  const int channel_blocks = int((a.dim + kCarryChannels - 1) / kCarryChannels);
-  const int64_t b = int64_t(blockIdx.x) / channel_blocks;
-  const int d0 = int(blockIdx.x % channel_blocks) * kCarryChannels;
-  const int sum_lane = threadIdx.x % 32, sum_chunk = threadIdx.x / 32;
-  const int sum_d = d0 + sum_lane;
-  const float sum_bias = sum_d < a.dim ? __ldg(a.delta_bias + sum_d) : 0.0f;
-  const int carry_channel = threadIdx.x / kState, n = threadIdx.x % kState;
-  const int d = d0 + carry_channel;
-  const bool active = d < a.dim;
-  const float A2 = active ? __ldg(a.A + int64_t(d) * kState + n) * kLog2e : 0.0f;
+// One thread per (batch, channel, state), states fastest as in chunk_states, so a warp reads and writes
+// 128 contiguous bytes: the chunks in order, with the delta sums the local kernel left. The inputs of
+// kCarryTile chunks are loaded before their chain of dependent updates, so their latencies overlap.
+__global__ void __launch_bounds__(kFlatThreads)
+    forward_carry_kernel(ScanArgs a, const float* sumdelta, float* chunk_states) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= a.batch * a.dim * kState) return;
+  const int n = int(i % kState), d = int(i / kState % a.dim);
+  const int64_t b = i / (a.dim * kState);
+  const float A2 = __ldg(a.A + int64_t(d) * kState + n) * kLog2e;
+  const int64_t state_stride = a.dim * kState;  // from one chunk to the next
+  float* state = chunk_states + state_index(a, b, 0, d) + n;
+  const float* sum = sumdelta + sumdelta_index(a, b, 0, d);
   float h = 0.0f;
   for (int64_t c0 = 0; c0 < a.num_chunks; c0 += kCarryTile) {
-    const int64_t c = c0 + sum_chunk;
-    if (c < a.num_chunks && sum_d < a.dim) {
-      const int64_t t_end = min((c + 1) * a.chunk_len, a.len);
-      float sum = 0.0f;
-#pragma unroll 8
-      for (int64_t t = c * a.chunk_len; t < t_end; ++t)
-        sum += softplus(load(a.delta + (b * a.len + t) * a.dim + sum_d) + sum_bias);
-      sumdelta[sum_chunk][sum_lane] = sum;
-    }
-    __syncthreads();
     const int count = int(min(int64_t(kCarryTile), a.num_chunks - c0));
-    if (active) {
-      float local[kCarryTile];
+    float local[kCarryTile], tile_sum[kCarryTile];
 #pragma unroll
-      for (int j = 0; j < kCarryTile; ++j)
-        if (j < count) local[j] = chunk_states[state_index(a, b, c0 + j, d) + n];
-#pragma unroll
-      for (int j = 0; j < kCarryTile; ++j) {
-        if (j < count) {
-          h = fmaf(exp2_approx(A2 * sumdelta[j][carry_channel]), h, local[j]);
-          chunk_states[state_index(a, b, c0 + j, d) + n] = h;
-        }
+    for (int j = 0; j < kCarryTile; ++j) {
+      if (j < count) {
+        local[j] = state[j * state_stride];
+        tile_sum[j] = __ldg(sum + j * a.dim);
       }
     }
-    __syncthreads();  // sumdelta is rewritten by the next tile
+#pragma unroll
+    for (int j = 0; j < kCarryTile; ++j) {
+      if (j < count) {
+        h = fmaf(exp2_approx(A2 * tile_sum[j]), h, local[j]);
+        state[j * state_stride] = h;
+      }
+    }
+    state += kCarryTile * state_stride;
+    sum += kCarryTile * a.dim;
   }
 }
 
@@ -312,19 +322,17 @@ __global__ void __launch_bounds__(kChannels, 6)
   const Channel ch = load_channel(a, blk.dim_block * kChannels + threadIdx.x);
   float h[kState];
   load_chunk_start(a, chunk_states, blk, ch, h);
-  walk_chunk<true, true, false>(a, blk, ch, nullptr, rows,
-                                [&](int64_t t, const Tokens<kGroup>& x, int k, const float* bc_row) {
-                                  scan_step(h, ch.A2, softplus(x.pre[k]), x.u[k], bc_row);
-                                  float C[kState];
-                                  load_row(bc_row + kState, C);
-                                  float y = 0.0f;
+  walk_chunk<kOutputGroup, true, true, false>(
+      a, blk, ch, nullptr, rows, [&](int64_t t, const Tokens<kOutputGroup>& x, int k, const float* bc_row) {
+        scan_step(h, ch.A2, softplus(x.pre[k]), x.u[k], bc_row);
+        float C[kState];
+        load_row(bc_row + kState, C);
+        float y = 0.0f;
 #pragma unroll
-                                  for (int n = 0; n < kState; ++n) y = fmaf(C[n], h[n], y);
-                                  y = fmaf(ch.Dskip, x.u[k], y);
-                                  if (ch.active)
-                                    out[(blk.b * a.len + t) * a.dim + ch.d] =
-                                        __float2bfloat16_rn(y * (x.z[k] * sigmoid(x.z[k])));
-                                });
+        for (int n = 0; n < kState; ++n) y = fmaf(C[n], h[n], y);
+        y = fmaf(ch.Dskip, x.u[k], y);
+        if (ch.active) out[(blk.b * a.len + t) * a.dim + ch.d] = __float2bfloat16_rn(y * (x.z[k] * sigmoid(x.z[k])));
+      });
 }
 
 __device__ __forceinline__ int64_t carry_index(const ScanArgs& a, int64_t b, int64_t c, int n, int d) {
@@ -351,7 +359,7 @@ __global__ void __launch_bounds__(kChannels, 4)
     carry[n] = 0.0f;
   }
   float sumdelta = 0.0f;
-  walk_chunk<true, true, true>(
+  walk_chunk<kGroup, true, true, true>(
       a, blk, ch, dout, rows, [&](int64_t t, const Tokens<kGroup>& x, int k, const float* bc_row) {
         const int local_t = int(t - blk.t0);
         if (local_t % kSegment == 0 && local_t > 0 && ch.active) {
@@ -377,7 +385,7 @@ __global__ void __launch_bounds__(kChannels, 4)
   if (ch.active) {
 #pragma unroll
     for (int n = 0; n < kState; ++n) w.carry[carry_index(a, blk.b, blk.c, n, ch.d)] = carry[n];
-    w.sumdelta[(blk.b * a.num_chunks + blk.c) * a.dim + ch.d] = sumdelta;
+    w.sumdelta[sumdelta_index(a, blk.b, blk.c, ch.d)] = sumdelta;
   }
 }
 
@@ -391,13 +399,13 @@ __global__ void __launch_bounds__(kFlatThreads) backward_carry_kernel(ScanArgs a
   const float A2 = __ldg(a.A + int64_t(d) * kState + n) * kLog2e;
   const int64_t last = a.num_chunks - 1;
   float next_local = w.carry[carry_index(a, b, last, n, d)];
-  float next_sumdelta = w.sumdelta[(b * a.num_chunks + last) * a.dim + d];
+  float next_sumdelta = w.sumdelta[sumdelta_index(a, b, last, d)];
   float carry = 0.0f;
   for (int64_t c = last; c >= 0; --c) {
     const float local = next_local, sumdelta = next_sumdelta;
     if (c > 0) {  // issued before this chunk's dependent arithmetic
       next_local = w.carry[carry_index(a, b, c - 1, n, d)];
-      next_sumdelta = w.sumdelta[(b * a.num_chunks + c - 1) * a.dim + d];
+      next_sumdelta = w.sumdelta[sumdelta_index(a, b, c - 1, d)];
     }
     w.carry[carry_index(a, b, c, n, d)] = carry;
     carry = fmaf(exp2_approx(A2 * sumdelta), carry, local);
@@ -596,6 +604,11 @@ ScanArgs scan_args(const cpu::SelectiveScanShape& s, const uint16_t* u, const ui
 
 }  // namespace
 
+size_t selective_scan_forward_workspace_bytes(const cpu::SelectiveScanShape& s) {
+  check_shape(s, "selective_scan_forward_workspace_bytes");
+  return static_cast<size_t>(round_up_256_bytes(s.batch * cpu::selective_scan_num_chunks(s) * s.dim)) * sizeof(float);
+}
+
 size_t selective_scan_backward_workspace_bytes(const cpu::SelectiveScanShape& s) {
   check_shape(s, "selective_scan_backward_workspace_bytes");
   return static_cast<size_t>(workspace_layout(s).total) * sizeof(float);
@@ -604,18 +617,19 @@ size_t selective_scan_backward_workspace_bytes(const cpu::SelectiveScanShape& s)
 void selective_scan_forward(const cpu::SelectiveScanShape& s, const uint16_t* u, const uint16_t* delta,
                             const float* delta_bias, const float* A, const uint16_t* B, const uint16_t* C,
                             int64_t bc_row_stride, const float* Dskip, const uint16_t* z, int64_t z_row_stride,
-                            uint16_t* out, float* chunk_states, void* stream) {
+                            uint16_t* out, float* chunk_states, void* workspace, void* stream) {
   constexpr const char* kOp = "selective_scan_forward";
   check_shape(s, kOp);
   if (s.batch == 0 || s.len == 0 || s.dim == 0) return;
   const ScanArgs a = scan_args(s, u, delta, delta_bias, A, B, C, bc_row_stride, Dskip, z, z_row_stride);
   const cudaStream_t st = static_cast<cudaStream_t>(stream);
   const unsigned chunk_blocks = grid_size(s.batch * a.num_chunks * a.dim_blocks, kOp);
-  forward_local_kernel<<<chunk_blocks, kChannels, 0, st>>>(a, chunk_states);
+  float* sumdelta = static_cast<float*>(workspace);
+  forward_local_kernel<<<chunk_blocks, kChannels, 0, st>>>(a, chunk_states, sumdelta);
   SSMTUNE_CUDA_CHECK(cudaGetLastError(), "selective_scan_forward local launch");
   if (a.num_chunks > 1) {  // a single chunk's local end state is already the true one
-    const unsigned carry_blocks = grid_size(s.batch * ((s.dim + kCarryChannels - 1) / kCarryChannels), kOp);
-    forward_carry_kernel<<<carry_blocks, kCarryThreads, 0, st>>>(a, chunk_states);
+    const unsigned carry_blocks = grid_size((s.batch * s.dim * kState + kFlatThreads - 1) / kFlatThreads, kOp);
+    forward_carry_kernel<<<carry_blocks, kFlatThreads, 0, st>>>(a, sumdelta, chunk_states);
     SSMTUNE_CUDA_CHECK(cudaGetLastError(), "selective_scan_forward carry launch");
   }
   forward_output_kernel<<<chunk_blocks, kChannels, 0, st>>>(a, chunk_states, reinterpret_cast<__nv_bfloat16*>(out));

@@ -18,12 +18,16 @@
 namespace ssmtune::cuda {
 
 // Only state == 16 (every released Mamba-1 model) is instantiated; other sizes are refused with an error.
+// The scratch each direction needs; one buffer of the larger size serves both, one call at a time.
+size_t selective_scan_forward_workspace_bytes(const cpu::SelectiveScanShape& s);
 size_t selective_scan_backward_workspace_bytes(const cpu::SelectiveScanShape& s);
 
+// workspace: selective_scan_forward_workspace_bytes(s) bytes (the per-chunk sums of softplus(delta + bias)
+// pass through it from the first launch to the second); its contents afterwards mean nothing.
 void selective_scan_forward(const cpu::SelectiveScanShape& s, const uint16_t* u, const uint16_t* delta,
                             const float* delta_bias, const float* A, const uint16_t* B, const uint16_t* C,
                             int64_t bc_row_stride, const float* Dskip, const uint16_t* z, int64_t z_row_stride,
-                            uint16_t* out, float* chunk_states, void* stream);
+                            uint16_t* out, float* chunk_states, void* workspace, void* stream);
 
 // du, ddelta, dB, dC, dz are written (not accumulated), as in the CPU reference; elements between the
 // strided views' rows are left untouched.

@@ -1,6 +1,8 @@
-// The figures REFERENCE.md §7 measured on an H100 80GB (nvidia-h100-x1, 2026-11-22): the ceilings and
-// the peers this benchmark sets its numbers beside. Times in microseconds, as there.
+// The figures REFERENCE.md §7 measured on an H100 80GB (nvidia-h100-x1, 2026-11-22) and on 2 x H200
+// (nvidia-h200-x2): the ceilings and the peers the benchmarks set their numbers beside. Times in
+// microseconds, as there.
 #pragma once
+#include <cstddef>
 #include <cstdint>
 #include <string_view>
 
@@ -42,5 +44,18 @@ inline constexpr HfStep kHfPeft[] = {
     {"mamba-2.8b", 2, 9592, 21.3},
 };
 inline constexpr int64_t kHfSeqLen = 2048;
+
+// NCCL 2.28 through torch.distributed on 2 x H200 with NVLink (nvidia-h200-x2): bus bandwidth in GB/s
+// at a buffer of `bytes` (the whole buffer, as nccl-tests sizes it).
+struct CollectivePeer {
+  std::string_view op;
+  size_t bytes;
+  double bus_gb_per_second;
+};
+inline constexpr CollectivePeer kNcclTwoH200[] = {
+    {"all_reduce", size_t{16} << 20, 215},  {"all_reduce", size_t{64} << 20, 267},
+    {"all_reduce", size_t{256} << 20, 299}, {"all_reduce", size_t{1} << 30, 332},
+    {"all_gather", size_t{1} << 30, 288},   {"reduce_scatter", size_t{1} << 30, 266},
+};
 
 }  // namespace ssmtune::bench::peers

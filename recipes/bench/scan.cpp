@@ -3,6 +3,8 @@
 // dt_rank of a model with d_model = dim/2), z inside an in_proj-like buffer [T, 2*dim], chunks of 64.
 #include <fmt/format.h>
 
+#include <algorithm>
+
 #include "kernels/cuda/selective_scan.h"
 #include "recipes/bench/entries.h"
 #include "recipes/bench/peers.h"
@@ -25,7 +27,9 @@ void bench_selective_scan(KernelBench& bench) {
       const DeviceBuffer Dskip = random_f32(D, 0.5f, 1.5f, 17), dout = random_bf16(T * D, -1, 1, 18);
       DeviceBuffer out(T * D * 2), chunk_states(states * 4), du(T * D * 2), ddelta(T * D * 2);
       DeviceBuffer dxdbl(T * xdbl_cols * 2), dxz(T * 2 * D * 2);
-      DeviceBuffer workspace(cuda::selective_scan_backward_workspace_bytes(s));
+      // One scratch buffer for both directions, as the training step has.
+      DeviceBuffer workspace(std::max(cuda::selective_scan_forward_workspace_bytes(s),
+                                      cuda::selective_scan_backward_workspace_bytes(s)));
       const uint16_t* B = xdbl.as<uint16_t>() + R;
       const uint16_t* C = xdbl.as<uint16_t>() + R + N;
       const uint16_t* z = xz.as<uint16_t>() + D;
@@ -33,7 +37,8 @@ void bench_selective_scan(KernelBench& bench) {
       auto forward = [&] {
         cuda::selective_scan_forward(s, u.as<uint16_t>(), delta.as<uint16_t>(), delta_bias.as<float>(),
                                      A.as<float>(), B, C, xdbl_cols, Dskip.as<float>(), z, 2 * D,
-                                     out.as<uint16_t>(), chunk_states.as<float>(), bench.stream());
+                                     out.as<uint16_t>(), chunk_states.as<float>(), workspace.as<void>(),
+                                     bench.stream());
       };
       auto backward = [&] {
         cuda::selective_scan_backward(s, u.as<uint16_t>(), delta.as<uint16_t>(), delta_bias.as<float>(),

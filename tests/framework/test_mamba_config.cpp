@@ -4,6 +4,7 @@
 #include <string>
 
 #include "framework/error.h"
+#include "framework/model_sizes.h"
 #include "tests/catch.h"
 #include "tests/framework/error_message.h"
 #include "tests/framework/scratch_dir.h"
@@ -28,6 +29,19 @@ const char* kMamba130mHf = R"({
   "time_step_init_scheme": "random", "time_step_max": 0.1, "time_step_min": 0.001, "time_step_rank": 48,
   "time_step_scale": 1.0, "torch_dtype": "float32", "transformers_version": "4.39.0.dev0",
   "use_bias": false, "use_cache": true, "use_conv_bias": true, "vocab_size": 50280
+})";
+
+// tiiuae/falcon-mamba-7b's config.json as published (transformers 4.43): expand 16 is inconsistent with
+// intermediate_size 8192 = 2 * 4096, and HF takes intermediate_size; no mixer_rms_eps (default 1e-6).
+const char* kFalconMamba7b = R"({
+  "_name_or_path": "./", "architectures": ["FalconMambaForCausalLM"], "bos_token_id": 0, "conv_kernel": 4,
+  "eos_token_id": 11, "expand": 16, "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.1,
+  "intermediate_size": 8192, "layer_norm_epsilon": 1e-05, "model_type": "falcon_mamba", "num_hidden_layers": 64,
+  "pad_token_id": 11, "rescale_prenorm_residual": false, "residual_in_fp32": true, "state_size": 16,
+  "tie_word_embeddings": false, "time_step_floor": 0.0001, "time_step_init_scheme": "random",
+  "time_step_max": 0.1, "time_step_min": 0.001, "time_step_rank": 256, "time_step_scale": 1.0,
+  "torch_dtype": "bfloat16", "transformers_version": "4.43.0.dev0", "use_bias": false, "use_cache": true,
+  "use_conv_bias": true, "vocab_size": 65024
 })";
 
 json minimal() { return {{"model_type", "mamba"}, {"hidden_size", 64}, {"num_hidden_layers", 2}, {"vocab_size", 100}}; }
@@ -88,11 +102,95 @@ TEST_CASE("absent keys take HF MambaConfig's defaults") {
   CHECK(config.time_step_floor == 1e-4);
   CHECK(config.time_step_scale == 1.0);
   CHECK(config.time_step_init_scheme == "random");
+  CHECK(!config.has_mixer_norm());
   CHECK(config.extra == json::object());
 
   json no_model_type = minimal();
   no_model_type.erase("model_type");
   CHECK(parse_mamba_config(no_model_type, "test").model_type == "mamba");
+}
+
+TEST_CASE("falcon-mamba-7b's config.json") {
+  ScratchDir dir("mamba_config");
+  const auto path = dir / "config.json";
+  std::ofstream(path) << kFalconMamba7b;
+  MambaConfig config = load_mamba_config(path);
+  CHECK(config.model_type == "falcon_mamba");
+  CHECK(config.has_mixer_norm());
+  CHECK(config.mixer_rms_eps == 1e-6);
+  CHECK(config.d_model == 4096);
+  CHECK(config.n_layer == 64);
+  CHECK(config.expand == 16);
+  CHECK(config.d_inner == 8192);  // intermediate_size, not expand * hidden_size
+  CHECK(config.dt_rank == 256);
+  CHECK(config.vocab_size == 65024);
+  CHECK(!config.use_bias);
+  CHECK(!config.tie_word_embeddings);
+  CHECK(config.extra.at("torch_dtype") == "bfloat16");
+  CHECK(!config.extra.contains("architectures"));
+
+  // Written back: the same keys and values, plus mixer_rms_eps, which the file leaves to its default.
+  json expected = json::parse(kFalconMamba7b);
+  expected["mixer_rms_eps"] = 1e-6;
+  CHECK(mamba_config_to_json(config) == expected);
+}
+
+TEST_CASE("falcon_mamba takes FalconMambaConfig's defaults and its mixer_rms_eps") {
+  json j = minimal();
+  j["model_type"] = "falcon_mamba";
+  MambaConfig config = parse_mamba_config(j, "test");
+  CHECK(config.has_mixer_norm());
+  CHECK(config.mixer_rms_eps == 1e-6);
+  CHECK(!config.use_bias);  // FalconMambaConfig's class default, unlike MambaConfig's
+  CHECK(config.tie_word_embeddings);
+  CHECK(config.d_inner == 128);
+  CHECK(mamba_config_to_json(config).at("architectures") == json{"FalconMambaForCausalLM"});
+
+  j["mixer_rms_eps"] = 1e-5;
+  config = parse_mamba_config(j, "test");
+  CHECK(config.mixer_rms_eps == 1e-5);
+  CHECK(mamba_config_to_json(config).at("mixer_rms_eps") == 1e-5);
+  j["mixer_rms_eps"] = 0.0;
+  CHECK(contains(error_message([&] { parse_mamba_config(j, "test"); }),
+                 "test: key 'mixer_rms_eps' must be a finite number > 0, got 0.0"));
+  j["mixer_rms_eps"] = "small";
+  CHECK(contains(error_message([&] { parse_mamba_config(j, "test"); }), "key 'mixer_rms_eps' must be a number"));
+
+  // A plain Mamba model has no mixer norm: the key is kept as an unknown one, not interpreted.
+  json plain = minimal();
+  plain["mixer_rms_eps"] = 1e-5;
+  config = parse_mamba_config(plain, "test");
+  CHECK(!config.has_mixer_norm());
+  CHECK(config.extra.at("mixer_rms_eps") == 1e-5);
+  CHECK(mamba_config_to_json(config).at("architectures") == json{"MambaForCausalLM"});
+}
+
+TEST_CASE("intermediate_size, when present, is d_inner whatever expand says, as in HF") {
+  json j = minimal();
+  j["intermediate_size"] = 96;
+  MambaConfig config = parse_mamba_config(j, "test");
+  CHECK(config.d_inner == 96);
+  CHECK(config.expand == 2);
+  const json written = mamba_config_to_json(config);
+  CHECK(written.at("intermediate_size") == 96);
+  CHECK(written.at("expand") == 2);
+}
+
+TEST_CASE("the falcon-mamba sizes write falcon_mamba configs that load back") {
+  for (const char* size : {"falcon-demo", "falcon-mamba-7b"}) {
+    INFO(size);
+    const MambaConfig config = parse_mamba_config(mamba_config_to_json(model_size(size)), size);
+    CHECK(config.has_mixer_norm());
+    CHECK(!config.tie_word_embeddings);
+    CHECK(!config.use_bias);
+  }
+  const MambaConfig falcon7b = model_size("falcon-mamba-7b");
+  CHECK(falcon7b.d_model == 4096);
+  CHECK(falcon7b.n_layer == 64);
+  CHECK(falcon7b.d_inner == 8192);
+  CHECK(falcon7b.dt_rank == 256);
+  CHECK(falcon7b.vocab_size == 65024);
+  CHECK(!model_size("demo").has_mixer_norm());
 }
 
 TEST_CASE("time_step_rank \"auto\" rounds up and an integer is taken as is") {
@@ -196,7 +294,7 @@ TEST_CASE("config errors name the file and the key") {
       {"expand", true, "key 'expand' must be an integer"},
       {"time_step_rank", "big", "key 'time_step_rank' must be \"auto\" or an integer"},
       {"time_step_rank", 0, "key 'time_step_rank' must be >= 1"},
-      {"intermediate_size", 100, "key 'intermediate_size' (100) must equal expand * hidden_size (128)"},
+      {"intermediate_size", 0, "key 'intermediate_size' must be >= 1, got 0"},
       {"layer_norm_epsilon", 0.0, "key 'layer_norm_epsilon' must be a finite number > 0"},
       {"layer_norm_epsilon", "1e-5", "key 'layer_norm_epsilon' must be a number"},
       {"time_step_floor", -1.0, "key 'time_step_floor' must be a finite number >= 0"},
@@ -204,8 +302,7 @@ TEST_CASE("config errors name the file and the key") {
       {"time_step_init_scheme", "uniform", "key 'time_step_init_scheme' must be \"random\" or \"constant\""},
       {"use_bias", "false", "key 'use_bias' must be true or false"},
       {"tie_word_embeddings", 1, "key 'tie_word_embeddings' must be true or false"},
-      {"model_type", "falcon_mamba", "model_type 'falcon_mamba' is not supported (supported: mamba)"},
-      {"model_type", "gpt2", "model_type 'gpt2' is not supported"},
+      {"model_type", "gpt2", "model_type 'gpt2' is not supported (supported: mamba, falcon_mamba)"},
       {"model_type", 7, "key 'model_type' must be a string"},
   };
   for (const BadKey& bad : cases) {

@@ -1,5 +1,6 @@
-// The CUDA backend against the CPU backend on the whole model: one step's loss and adapter gradients,
-// twenty steps of training, and the train recipe on the GPU. The CPU backend computes in fp32
+// The CUDA backend against the CPU backend on the whole model: one step's loss, adapter gradients and
+// logits (for Mamba and for falcon-mamba, whose mixer norm runs as its own kernel), twenty steps of
+// training, and the train recipe on the GPU. The CPU backend computes in fp32
 // throughout; the CUDA backend keeps activations in bf16 (8 significant bits, relative rounding
 // 2^-9 = 2e-3 per value), so the two agree to bf16 accuracy accumulated over two layers, not bit for bit.
 #include <cmath>
@@ -62,22 +63,24 @@ double relative_difference(const std::vector<double>& a, const std::vector<doubl
   return std::sqrt(diff / norm);
 }
 
-// The demo model (random) and demo data in a scratch directory.
-TokenDataset write_demo_files(const test::ScratchDir& dir) {
-  write_random_mamba(dir / "model", model_size("demo"), 1);
+// A random model of `size` (model_sizes.h; both tiny ones share the demo vocabulary) and demo data in a
+// scratch directory.
+TokenDataset write_demo_files(const test::ScratchDir& dir, const std::string& size) {
+  write_random_mamba(dir / "model", model_size(size), 1);
   write_token_dataset((dir / "data.h5").string(), make_demo_dataset(3, 400));
   return TokenDataset::open((dir / "data.h5").string());
 }
 
 struct Fixture {
+  explicit Fixture(const std::string& size = "demo") : data(write_demo_files(dir, size)) {}
   test::ScratchDir dir{"training-cuda"};
-  TokenDataset data = write_demo_files(dir);
+  TokenDataset data;
 };
 
-}  // namespace
-
-TEST_CASE("one step on the GPU gives the CPU backend's loss and adapter gradients") {
-  Fixture f;
+// One step with dropout from the same non-zero adapters on both backends: loss and adapter gradients;
+// then forward_logits on the same inputs.
+void check_one_step(const std::string& size) {
+  Fixture f(size);
   LoraConfig lora;
   lora.dropout = 0.1;  // the same counter-RNG mask on both backends
   // Odd lengths and a chunk that does not divide them; recomputation on.
@@ -103,6 +106,26 @@ TEST_CASE("one step on the GPU gives the CPU backend's loss and adapter gradient
                                                 cpu.adapters.download(cpu.adapters.grads()));
   INFO("relative gradient difference " << grad_error);
   CHECK(grad_error <= 3e-2);
+
+  std::vector<uint32_t> inputs;
+  for (int64_t s = 0; s < shape.batch; ++s)
+    for (int64_t t = 0; t < shape.seq_len; ++t) inputs.push_back(b.tokens[s * (shape.seq_len + 1) + t]);
+  // Logits of ~O(1) from bf16 final hidden states and a bf16 LM head (2^-9 relative each) after two layers
+  // of bf16 activations: 2% norm-wise, the gradients' budget less the backward's share.
+  const double logit_error =
+      relative_difference(gpu.step.forward_logits(inputs.data()), cpu.step.forward_logits(inputs.data()));
+  INFO("relative logit difference " << logit_error);
+  CHECK(logit_error <= 2e-2);
+}
+
+}  // namespace
+
+TEST_CASE("one step on the GPU gives the CPU backend's loss, adapter gradients and logits") {
+  check_one_step("demo");
+}
+
+TEST_CASE("one falcon-mamba step on the GPU gives the CPU backend's loss, adapter gradients and logits") {
+  check_one_step("falcon-demo");
 }
 
 TEST_CASE("twenty training steps on the GPU track the CPU backend's losses") {

@@ -8,6 +8,7 @@
 #include <cstring>
 #include <limits>
 #include <random>
+#include <stdexcept>
 #include <vector>
 
 #include "framework/dtype.h"
@@ -25,9 +26,11 @@ struct Shape {
   int64_t rows, cols;
 };
 
-// Odd row counts, a partial last block (3x50, 37x96, 769x130), a partial last nested block (769x130:
-// 1563 blocks), a single partial block (1x2) and a large weight.
-const std::vector<Shape> kShapes{{1, 2}, {3, 50}, {37, 96}, {769, 130}, {2048, 1536}};
+// Odd row counts, a partial last block (3x50, 37x96, 769x130, 7x98), a partial last nested block (769x130:
+// 1563 blocks), a single partial block (1x2) and a large weight. The dequantizer expands 16 elements per
+// thread and the rest one byte at a time: 7x98 = 686 = 42 * 16 + 14 leaves the longest tail (7 bytes),
+// inside a partial block and in the same warp as full groups.
+const std::vector<Shape> kShapes{{1, 2}, {3, 50}, {37, 96}, {769, 130}, {2048, 1536}, {7, 98}};
 
 // Bytes past each output that the kernels must leave alone.
 constexpr size_t kGuard = 64;
@@ -204,13 +207,30 @@ TEST_CASE("CUDA NF4 dequantize equals the CPU reference rounded to bf16") {
 
     const DeviceBuffer<uint8_t> d_packed(q.packed), d_codes(q.codes);
     const DeviceBuffer<float> d_nested(q.nested);
-    DeviceBuffer<uint16_t> d_out(static_cast<size_t>(n));  // poisoned: NaN everywhere
+    DeviceBuffer<uint16_t> d_out(static_cast<size_t>(n) + kGuard);  // poisoned: NaN everywhere
     cuda::nf4_dequantize_bf16(d_packed.get(), d_codes.get(), d_nested.get(), q.offset, n, d_out.get(), nullptr);
     const std::vector<uint16_t> out = d_out.download();
     // Same fp32 arithmetic in the same order, then one rounding to bf16: equal bit for bit.
-    int64_t mismatches = 0;
+    int64_t mismatches = 0, guard_writes = 0;
     for (int64_t i = 0; i < n; ++i) mismatches += out[i] != float_to_bf16(reference[i]);
+    for (size_t i = static_cast<size_t>(n); i < out.size(); ++i) guard_writes += out[i] != testing::kBf16NaN;
     INFO(shape.rows << " x " << shape.cols);
     CHECK(mismatches == 0);
+    CHECK(guard_writes == 0);
   }
+}
+
+TEST_CASE("CUDA NF4 dequantize refuses an odd numel and misaligned buffers") {
+  const DeviceBuffer<uint8_t> packed(64), codes(1);
+  const DeviceBuffer<float> nested(1);
+  DeviceBuffer<uint16_t> out(128 + 8);
+  CHECK_THROWS_AS(cuda::nf4_dequantize_bf16(packed.get(), codes.get(), nested.get(), 0.0f, 63, out.get(), nullptr),
+                  std::invalid_argument);
+  // The wide loads and stores need 8-byte packed and 16-byte out.
+  CHECK_THROWS_AS(
+      cuda::nf4_dequantize_bf16(packed.get() + 4, codes.get(), nested.get(), 0.0f, 64, out.get(), nullptr),
+      std::invalid_argument);
+  CHECK_THROWS_AS(
+      cuda::nf4_dequantize_bf16(packed.get(), codes.get(), nested.get(), 0.0f, 64, out.get() + 4, nullptr),
+      std::invalid_argument);
 }

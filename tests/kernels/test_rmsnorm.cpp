@@ -1,9 +1,11 @@
 // RMSNorm: forward against the formula written out, every gradient against central finite differences in
-// double, float against double, and a dweight sum that does not depend on the thread count.
+// double, float against double, a dweight sum that does not depend on the thread count, and strided rows
+// (falcon-mamba's norm of column ranges of the x_proj output) equal to contiguous ones, bit for bit.
 #include <omp.h>
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <numeric>
 #include <random>
 #include <vector>
@@ -139,4 +141,46 @@ TEST_CASE("rmsnorm dweight does not depend on the thread count") {
   }
   omp_set_num_threads(saved_threads);
   CHECK(dweights[0] == dweights[1]);  // bit for bit
+}
+
+TEST_CASE("rmsnorm on strided rows equals the contiguous rows and leaves the gaps alone") {
+  std::mt19937_64 rng(15);
+  const double eps = 1e-6, nan = std::numeric_limits<double>::quiet_NaN(), sentinel = 1234.5;
+  // Every stride different and above dim, so a mixed-up stride reads or writes the wrong element.
+  const int64_t rows = 6, dim = 5, ldx = 9, ldy = 7, lddy = 8, lddx = 6;
+  const auto x = random_values(rows * ldx, rng, -2.0, 2.0);
+  const auto dy = random_values(rows * lddy, rng);
+  const auto weight = random_values(dim, rng, 0.5, 1.5);
+  std::vector<double> x_rows(rows * dim), dy_rows(rows * dim);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t i = 0; i < dim; ++i) {
+      x_rows[r * dim + i] = x[r * ldx + i];
+      dy_rows[r * dim + i] = dy[r * lddy + i];
+    }
+  for (const bool weighted : {true, false}) {
+    INFO("weighted " << weighted);
+    const double* w = weighted ? weight.data() : nullptr;
+    std::vector<double> y_ref(rows * dim), rstd_ref(rows), dx_ref(rows * dim, 0.0), dweight_ref(dim, 0.0);
+    rmsnorm_forward(x_rows.data(), w, y_ref.data(), rstd_ref.data(), rows, dim, eps);
+    rmsnorm_backward(x_rows.data(), w, rstd_ref.data(), dy_rows.data(), dx_ref.data(), dweight_ref.data(), rows, dim);
+
+    std::vector<double> y(rows * ldy, sentinel), rstd(rows, nan);
+    rmsnorm_forward(x.data(), ldx, w, y.data(), ldy, rstd.data(), rows, dim, eps);
+    CHECK(rstd == rstd_ref);
+    // Written, not accumulated: dx starts as NaN, which any read of it would carry into the result.
+    std::vector<double> dx(rows * lddx, nan), dweight(dim, 0.0);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t i = dim; i < lddx; ++i) dx[r * lddx + i] = sentinel;
+    rmsnorm_backward(x.data(), ldx, w, rstd.data(), dy.data(), lddy, dx.data(), lddx, false, dweight.data(), rows,
+                     dim);
+    CHECK(dweight == dweight_ref);
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t i = 0; i < dim; ++i) {
+        CHECK(y[r * ldy + i] == y_ref[r * dim + i]);
+        CHECK(dx[r * lddx + i] == dx_ref[r * dim + i]);  // 0 + d == d exactly
+      }
+      for (int64_t i = dim; i < ldy; ++i) CHECK(y[r * ldy + i] == sentinel);
+      for (int64_t i = dim; i < lddx; ++i) CHECK(dx[r * lddx + i] == sentinel);
+    }
+  }
 }

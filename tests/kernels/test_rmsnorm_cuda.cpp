@@ -1,6 +1,8 @@
 // The CUDA RMSNorm (fused with the residual add) against the CPU reference run in double on the same
 // inputs: fresh random inputs, outputs poisoned, with and without add (x_out apart from x and aliasing
-// it), with and without a weight, and a backward whose bf16 copy goes nowhere, apart, or over dy.
+// it), with and without a weight, and a backward whose bf16 copy goes nowhere, apart, or over dy. Then
+// falcon-mamba's weightless norm of strided bf16 rows, forward and backward, the same way, with NaN in
+// the input gaps (a read outside the view shows) and a sentinel in the output gaps (a write outside shows).
 #include <cstdint>
 #include <random>
 #include <stdexcept>
@@ -146,6 +148,103 @@ TEST_CASE("CUDA rmsnorm backward equals the CPU reference; its bf16 copy may ove
       }
     }
   }
+}
+
+namespace {
+
+// One strided view per operand: rows, dim, and each operand's row stride and first element.
+struct WeightlessShape {
+  int64_t rows, dim, ld_in, offset_in, ld_out, offset_out;
+};
+// dt_rank 3 (the gradient checks), B and C inside a 48-column x_proj output (d_model 256), falcon-mamba-7b's
+// dt_r (256 of 288 columns) and C, wide rows (32 lanes walk them many times), dim 1, and row counts that
+// leave the last block of 8 rows part-empty.
+const std::vector<WeightlessShape> kWeightlessShapes{
+    {1, 1, 1, 0, 1, 0},           {5, 3, 7, 0, 3, 0},          {333, 16, 48, 16, 48, 32},
+    {4096, 256, 288, 0, 288, 0},  {4099, 16, 288, 272, 288, 272}, {2, 1000, 1003, 1, 1001, 2},
+    {9, 33, 33, 0, 40, 5}};
+constexpr uint16_t kGapSentinel = 0x4049;  // bf16 3.140625
+
+// A view's elements in row order.
+std::vector<double> view_of(const std::vector<double>& buffer, int64_t rows, int64_t dim, int64_t ld, int64_t offset) {
+  std::vector<double> out;
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t i = 0; i < dim; ++i) out.push_back(buffer[offset + r * ld + i]);
+  return out;
+}
+
+// An output buffer for a strided view: NaN inside the view (poisoned), the sentinel in the gaps.
+testing::StridedBf16 output_view(int64_t rows, int64_t dim, int64_t ld, int64_t offset, std::mt19937_64& rng) {
+  testing::StridedBf16 out = testing::strided_bf16(rows, dim, ld, offset, kGapSentinel, rng);
+  for (size_t at = 0; at < out.bits.size(); ++at)
+    if (out.inside(at)) out.bits[at] = testing::kBf16NaN;
+  return out;
+}
+
+// Every gap element of an output still holds the sentinel.
+bool gaps_intact(const testing::StridedBf16& layout, const std::vector<uint16_t>& bits) {
+  for (size_t at = 0; at < bits.size(); ++at)
+    if (!layout.inside(at) && bits[at] != kGapSentinel) return false;
+  return true;
+}
+
+}  // namespace
+
+TEST_CASE("CUDA weightless rmsnorm of strided bf16 rows equals the CPU reference, forward and backward") {
+  const uint64_t seed = std::random_device{}();
+  std::mt19937_64 rng(seed);
+  const testing::NonBlockingStream stream;
+  constexpr float kMixerEps = 1e-6f;
+  for (const WeightlessShape& s : kWeightlessShapes) {
+    INFO("seed " << seed << ", rows " << s.rows << ", dim " << s.dim << ", ld " << s.ld_in << "/" << s.ld_out);
+    // Forward: x -> y. NaN in x's gaps, so a read outside the view poisons a row.
+    const testing::StridedBf16 x = testing::strided_bf16(s.rows, s.dim, s.ld_in, s.offset_in, testing::kBf16NaN, rng);
+    const testing::StridedBf16 y0 = output_view(s.rows, s.dim, s.ld_out, s.offset_out, rng);
+    DeviceBuffer<uint16_t> d_x(x.bits), d_y(y0.bits);
+    DeviceBuffer<float> d_rstd(static_cast<size_t>(s.rows));
+    cuda::weightless_rmsnorm_forward(d_x.get() + s.offset_in, s.ld_in, d_y.get() + s.offset_out, s.ld_out,
+                                     d_rstd.get(), s.rows, s.dim, kMixerEps, stream.get());
+    std::vector<double> y_ref(y0.values.size(), 0.0), rstd_ref(static_cast<size_t>(s.rows));
+    cpu::rmsnorm_forward<double>(x.values.data() + s.offset_in, s.ld_in, nullptr, y_ref.data() + s.offset_out,
+                                 s.ld_out, rstd_ref.data(), s.rows, s.dim, kMixerEps);
+    const std::vector<uint16_t> y = d_y.download();
+    CHECK(relative_error(view_of(testing::bf16_to_double(y), s.rows, s.dim, s.ld_out, s.offset_out),
+                         view_of(y_ref, s.rows, s.dim, s.ld_out, s.offset_out)) < kBf16Tolerance);
+    const std::vector<float> rstd = d_rstd.download();
+    CHECK(relative_error(to_double(rstd), rstd_ref) < kFp32Tolerance);
+    CHECK(gaps_intact(y0, y));
+    CHECK(d_x.download() == x.bits);
+
+    // Backward: dy -> dx from x and the rstd the forward saved; dy laid out like y, dx like x.
+    const testing::StridedBf16 dy =
+        testing::strided_bf16(s.rows, s.dim, s.ld_out, s.offset_out, testing::kBf16NaN, rng);
+    const testing::StridedBf16 dx0 = output_view(s.rows, s.dim, s.ld_in, s.offset_in, rng);
+    DeviceBuffer<uint16_t> d_dy(dy.bits), d_dx(dx0.bits);
+    cuda::weightless_rmsnorm_backward(d_x.get() + s.offset_in, s.ld_in, d_rstd.get(), d_dy.get() + s.offset_out,
+                                      s.ld_out, d_dx.get() + s.offset_in, s.ld_in, s.rows, s.dim, stream.get());
+    std::vector<double> dx_ref(dx0.values.size(), 0.0);
+    const std::vector<double> rstd_saved = to_double(rstd);
+    cpu::rmsnorm_backward<double>(x.values.data() + s.offset_in, s.ld_in, nullptr, rstd_saved.data(),
+                                  dy.values.data() + s.offset_out, s.ld_out, dx_ref.data() + s.offset_in, s.ld_in,
+                                  false, nullptr, s.rows, s.dim);
+    const std::vector<uint16_t> dx = d_dx.download();
+    // dx = rstd * dy - x * c: fp32 terms of the size of dx, then one rounding to bf16, so kBf16Tolerance.
+    CHECK(relative_error(view_of(testing::bf16_to_double(dx), s.rows, s.dim, s.ld_in, s.offset_in),
+                         view_of(dx_ref, s.rows, s.dim, s.ld_in, s.offset_in)) < kBf16Tolerance);
+    CHECK(gaps_intact(dx0, dx));
+    CHECK(d_dy.download() == dy.bits);
+    CHECK(d_rstd.download() == rstd);
+  }
+}
+
+TEST_CASE("CUDA weightless rmsnorm refuses a row stride below dim and does nothing for no rows") {
+  CHECK_THROWS_AS(cuda::weightless_rmsnorm_forward(nullptr, 15, nullptr, 16, nullptr, 1, 16, kEps, nullptr),
+                  std::invalid_argument);
+  CHECK_THROWS_AS(cuda::weightless_rmsnorm_backward(nullptr, 16, nullptr, nullptr, 16, nullptr, 8, 1, 16, nullptr),
+                  std::invalid_argument);
+  cuda::weightless_rmsnorm_forward(nullptr, 16, nullptr, 16, nullptr, 0, 16, kEps, nullptr);
+  cuda::weightless_rmsnorm_backward(nullptr, 16, nullptr, nullptr, 16, nullptr, 16, 0, 16, nullptr);
+  CHECK(cudaDeviceSynchronize() == cudaSuccess);
 }
 
 TEST_CASE("CUDA rmsnorm refuses rows wider than it supports") {

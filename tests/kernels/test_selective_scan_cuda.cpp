@@ -151,6 +151,8 @@ void run_case(const Case& c, std::mt19937_64& rng) {
   DeviceBuffer<uint16_t> out_d(rows * D), du_d(rows * D), ddelta_d(rows * D);
   DeviceBuffer<uint16_t> dxdbl_d(rows * xdbl_stride), dxz_d(rows * xz_stride);
   DeviceBuffer<float> states_d(states_size);
+  // Each direction gets exactly the scratch it declares (the training step shares one of the larger size).
+  DeviceBuffer<uint8_t> forward_workspace_d(cuda::selective_scan_forward_workspace_bytes(s));
   DeviceBuffer<uint8_t> workspace_d(cuda::selective_scan_backward_workspace_bytes(s));
   const uint16_t* B = xdbl_d.get() + kDtRank;
   const uint16_t* C = xdbl_d.get() + kDtRank + N;
@@ -160,13 +162,15 @@ void run_case(const Case& c, std::mt19937_64& rng) {
     std::vector<uint16_t> out, du, ddelta, dxdbl, dxz;
     std::vector<float> states;
   };
-  // Every output and the workspace poisoned first: nothing may be left unwritten or read before written.
+  // Every output and the workspaces poisoned first: nothing may be left unwritten or read before written.
   auto run = [&] {
     for (DeviceBuffer<uint16_t>* buffer : {&out_d, &du_d, &ddelta_d, &dxdbl_d, &dxz_d}) buffer->poison();
     states_d.poison();
+    forward_workspace_d.poison();
     workspace_d.poison();
     cuda::selective_scan_forward(s, u_d.get(), delta_d.get(), delta_bias_d.get(), A_d.get(), B, C, xdbl_stride,
-                                 Dskip_d.get(), z, xz_stride, out_d.get(), states_d.get(), nullptr);
+                                 Dskip_d.get(), z, xz_stride, out_d.get(), states_d.get(), forward_workspace_d.get(),
+                                 nullptr);
     cuda::selective_scan_backward(s, u_d.get(), delta_d.get(), delta_bias_d.get(), A_d.get(), B, C, xdbl_stride,
                                   Dskip_d.get(), z, xz_stride, states_d.get(), dout_d.get(), du_d.get(),
                                   ddelta_d.get(), dxdbl_d.get() + kDtRank, dxdbl_d.get() + kDtRank + N,
@@ -213,9 +217,10 @@ TEST_CASE("CUDA selective scan forward and backward match the CPU reference in d
 
 TEST_CASE("CUDA selective scan refuses a state size other than 16") {
   const cpu::SelectiveScanShape s{1, 8, 32, 8, 4};
+  CHECK_THROWS_AS(cuda::selective_scan_forward_workspace_bytes(s), std::invalid_argument);
   CHECK_THROWS_AS(cuda::selective_scan_backward_workspace_bytes(s), std::invalid_argument);
   CHECK_THROWS_AS(cuda::selective_scan_forward(s, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, 16, nullptr,
-                                               nullptr, 32, nullptr, nullptr, nullptr),
+                                               nullptr, 32, nullptr, nullptr, nullptr, nullptr),
                   std::invalid_argument);
   CHECK_THROWS_AS(cuda::selective_scan_backward(s, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, 16, nullptr,
                                                 nullptr, 32, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,

@@ -11,6 +11,7 @@
 #include "framework/model_sizes.h"
 #include "framework/safetensors.h"
 #include "tests/catch.h"
+#include "tests/framework/model_rewrite.h"
 #include "tests/framework/scratch_dir.h"
 
 using namespace ssmtune;
@@ -175,4 +176,88 @@ TEST_CASE("token ids at or above the vocab size") {
   H5Aclose(attribute);
   H5Fclose(file);
   require_one_error(s.train(), {"data.h5", "token id", "vocab_size 3"});
+}
+
+namespace {
+
+std::string path_of(const test::ScratchDir& dir, const std::string& name) { return (dir / name).string(); }
+
+}  // namespace
+
+TEST_CASE("quantize, train on the NF4 model and export it merged, from the command line") {
+  Setup s;
+  Result r = run("quantize --model " + path_of(s.dir, "model") + " --out " + path_of(s.dir, "nf4"));
+  INFO(r.output);
+  REQUIRE(r.exit_code == 0);
+  s.write_recipe("");
+  r = s.train("model.path=" + path_of(s.dir, "nf4"));
+  REQUIRE(r.exit_code == 0);
+  r = run("export --checkpoint " + path_of(s.dir, "out/checkpoints/step_1") + " --format merged --dtype f16 " +
+          "--max-shard-size 8KiB --out " + path_of(s.dir, "merged"));
+  REQUIRE(r.exit_code == 0);
+  CHECK(fs::exists(s.dir / "merged/model.safetensors.index.json"));
+  CHECK(s.train("model.path=" + path_of(s.dir, "merged") + " train.output_dir=" + path_of(s.dir, "out2")).exit_code ==
+        0);
+}
+
+TEST_CASE("a sharded model with a shard missing") {
+  Setup s;
+  test::rewrite_model(s.dir / "model", s.dir / "sharded", test::keep, 10'000);
+  const std::string shard = ShardedSafetensors::open_dir(s.dir / "sharded").file_of("backbone.norm_f.weight").path()
+                                .filename()
+                                .string();
+  fs::remove(s.dir / "sharded" / shard);
+  require_one_error(s.train("model.path=" + path_of(s.dir, "sharded")),
+                    {"model.safetensors.index.json", "shard '" + shard + "'", "does not exist"});
+}
+
+TEST_CASE("quantize: an unsupported model_type, a projection of the wrong shape, an output in use") {
+  Setup s;
+  std::ofstream(s.dir / "model/config.json")
+      << R"({"model_type": "mamba2", "hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 64})";
+  require_one_error(run("quantize --model " + path_of(s.dir, "model") + " --out " + path_of(s.dir, "nf4")),
+                    {"config.json", "model_type 'mamba2'"});
+  CHECK(!fs::exists(s.dir / "nf4"));
+
+  Setup t;
+  t.rewrite_weights([](const std::string& name, const TensorInfo&, SafetensorsWriter& w) {
+    if (name != "backbone.layers.0.mixer.dt_proj.weight") return false;
+    std::vector<float> v(128 * 5, 0.25f);
+    w.add(name, DType::F32, {128, 5}, v.data());
+    return true;
+  });
+  require_one_error(run("quantize --model " + path_of(t.dir, "model") + " --out " + path_of(t.dir, "nf4")),
+                    {"model.safetensors", "backbone.layers.0.mixer.dt_proj.weight", "[128, 5]", "[128, 4]"});
+
+  Setup u;
+  fs::create_directories(u.dir / "taken");
+  std::ofstream(u.dir / "taken/README") << "mine";
+  require_one_error(run("quantize --model " + path_of(u.dir, "model") + " --out " + path_of(u.dir, "taken")),
+                    {"taken", "not an empty directory"});
+}
+
+TEST_CASE("a pre-quantized model whose quantization_config we do not support") {
+  Setup s;
+  REQUIRE(run("quantize --model " + path_of(s.dir, "model") + " --out " + path_of(s.dir, "nf4")).exit_code == 0);
+  std::string config = read_text_file(s.dir / "nf4/config.json");
+  const std::string nf4 = R"("bnb_4bit_quant_type": "nf4")";
+  config.replace(config.find(nf4), nf4.size(), R"("bnb_4bit_quant_type": "fp4")");
+  std::ofstream(s.dir / "nf4/config.json") << config;
+  require_one_error(s.train("model.path=" + path_of(s.dir, "nf4")),
+                    {"config.json", "quantization_config.bnb_4bit_quant_type", "only nf4"});
+}
+
+TEST_CASE("export: the base model gone, options of the other format, a malformed shard size") {
+  Setup s;
+  REQUIRE(s.train().exit_code == 0);
+  const std::string checkpoint = " --checkpoint " + path_of(s.dir, "out/checkpoints/step_1");
+  fs::rename(s.dir / "model", s.dir / "moved");
+  require_one_error(run("export" + checkpoint + " --format merged --out " + path_of(s.dir, "merged")),
+                    {"no base model", "model.path", "recipe.yaml", "--model"});
+  require_one_error(run("export" + checkpoint + " --format peft --dtype f32 --out " + path_of(s.dir, "peft")),
+                    {"--dtype only applies to --format merged"});
+  require_one_error(run("export" + checkpoint + " --format merged --max-shard-size 5gb --model " +
+                        path_of(s.dir, "moved") + " --out " + path_of(s.dir, "merged")),
+                    {"--max-shard-size '5gb'", "KB, MB, GB"});
+  CHECK(!fs::exists(s.dir / "merged"));
 }
