@@ -37,6 +37,11 @@ std::vector<std::string> export_peft_adapter(const std::filesystem::path& checkp
       warnings.push_back(
           "out_proj is among the LoRA targets: PEFT >= 0.16 refuses out_proj adapters for Mamba models, so this "
           "adapter loads in PEFT only without them; a merged export keeps their effect");
+    if (p == Projection::dt_proj)
+      warnings.push_back(
+          "dt_proj is among the LoRA targets: transformers (5.17) computes dt_proj as dt_proj.weight @ x in its "
+          "Mamba mixers, bypassing the module, so PEFT loads this adapter but its dt_proj part has no effect "
+          "there; a merged export keeps its effect");
   }
   const nlohmann::json config = {
       {"peft_type", "LORA"},

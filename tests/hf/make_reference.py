@@ -9,6 +9,7 @@ For each config, a randomly initialised model (torch.manual_seed) goes into OUTD
   model_nf4/      the same model with each projection replaced by its NF4 round trip (fp32), for
                   check_exports.py; not written with --fixtures
   adapter/        a PEFT LoRA adapter (PEFT's own save_pretrained) on in_proj and x_proj
+  reference.json  where and with which versions it was made
   reference.safetensors, F32 unless said:
     tokens                   I32 [2, 33]: one batch; HF logits at position t predict token t+1
     adapter.<PEFT key>       the dt_proj and out_proj adapters (see "LoRA" below)
@@ -34,6 +35,7 @@ Everything runs in fp32: on the CPU by default (deterministic: the committed fix
 TF32 off.
 """
 import argparse
+import json
 import math
 import os
 import shutil
@@ -249,11 +251,14 @@ def make_config(outdir, name, spec, device, fixtures):
         tensors[prefix + "logits"] = logits
         tensors[prefix + "loss"] = loss.reshape(())
         tensors.update({prefix + "grad." + k: v for k, v in grads.items()})
-    metadata = {"format": "pt", "config": name, "torch": torch.__version__, "transformers": transformers.__version__,
-                "peft": peft.__version__, "device": device, "lora_rank": str(LORA_RANK),
-                "lora_alpha": str(LORA_ALPHA)}
     save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(target, "reference.safetensors"),
-              metadata=metadata)
+              metadata={"format": "pt"})
+    # Provenance beside it, not in the safetensors metadata, whose key order varies from run to run.
+    provenance = {"config": name, "seed": spec["seed"], "device": device, "torch": torch.__version__,
+                  "transformers": transformers.__version__, "peft": peft.__version__}
+    with open(os.path.join(target, "reference.json"), "w") as f:
+        json.dump(provenance, f, indent=2, sort_keys=True)
+        f.write("\n")
 
     (logits, loss), (nf4_logits, nf4_loss) = results[""], results["nf4."]
     print(f"{name}: loss {loss.item():.6f}, NF4 loss {nf4_loss.item():.6f}; NF4 round trip changes the logits by "

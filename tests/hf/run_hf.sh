@@ -36,6 +36,9 @@ done
 [[ ${#pieces[@]} -eq 0 ]] && pieces=(references cpu cuda exports nf4 table)
 work="${work:-$build/hf_work}"
 python="${PYTHON:-python3}"
+# PEFT writes target_modules from a set of strings: a fixed hash seed keeps regenerated fixtures
+# byte for byte the same.
+export PYTHONHASHSEED=0
 fixture_configs=(tiny tiny_untied tiny_falcon)
 
 if ! "$python" -c "import torch, transformers, peft, safetensors" >/dev/null 2>&1; then
