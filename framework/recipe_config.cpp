@@ -80,6 +80,7 @@ RecipeConfig parse_recipe(const std::string& yaml_text, const std::string& sourc
       {"device", [&](const std::string& k) { r.device = scalar<std::string>(flat, k, source); }},
       {"model.path", [&](const std::string& k) { r.model_path = scalar<std::string>(flat, k, source); }},
       {"data.path", [&](const std::string& k) { r.data_path = scalar<std::string>(flat, k, source); }},
+      {"data.val_path", [&](const std::string& k) { r.val_path = scalar<std::string>(flat, k, source); }},
       {"data.seq_len", [&](const std::string& k) { r.step.seq_len = scalar<int64_t>(flat, k, source); }},
       {"lora.rank", [&](const std::string& k) { r.lora.rank = scalar<int64_t>(flat, k, source); }},
       {"lora.alpha", [&](const std::string& k) { r.lora.alpha = scalar<double>(flat, k, source); }},
@@ -109,6 +110,8 @@ RecipeConfig parse_recipe(const std::string& yaml_text, const std::string& sourc
       {"train.save_every", [&](const std::string& k) { r.save_every = scalar<int64_t>(flat, k, source); }},
       {"train.log_every", [&](const std::string& k) { r.log_every = scalar<int64_t>(flat, k, source); }},
       {"train.resume", [&](const std::string& k) { r.resume = scalar<bool>(flat, k, source); }},
+      {"eval.every", [&](const std::string& k) { r.eval_every = scalar<int64_t>(flat, k, source); }},
+      {"eval.batches", [&](const std::string& k) { r.eval_batches = scalar<int64_t>(flat, k, source); }},
       {"distributed.strategy",
        [&](const std::string& k) {
          const std::string name = scalar<std::string>(flat, k, source);
@@ -145,6 +148,11 @@ RecipeConfig parse_recipe(const std::string& yaml_text, const std::string& sourc
   if (r.max_steps <= 0) fail("{}: train.max_steps must be positive, got {}", source, r.max_steps);
   if (r.grad_accum <= 0) fail("{}: train.grad_accum must be positive, got {}", source, r.grad_accum);
   if (r.log_every <= 0) fail("{}: train.log_every must be positive, got {}", source, r.log_every);
+  if (r.eval_every < 0) fail("{}: eval.every must be 0 (off) or a positive number of steps, got {}", source, r.eval_every);
+  if (r.eval_batches <= 0) fail("{}: eval.batches must be positive, got {}", source, r.eval_batches);
+  if (r.eval_every > 0 && !flat.contains("data.val_path"))
+    fail("{}: eval.every is {}: evaluation needs a validation set, key 'data.val_path' (or set eval.every=0)", source,
+         r.eval_every);
   if (!(r.distributed.bucket_mb > 0))
     fail("{}: distributed.bucket_mb must be positive, got {}", source, r.distributed.bucket_mb);
   if (!(r.distributed.timeout_s > 0))

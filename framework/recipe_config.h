@@ -18,6 +18,7 @@ struct RecipeConfig {
   std::string device = "auto";     // auto, cpu or cuda
   std::filesystem::path model_path;
   std::filesystem::path data_path;
+  std::filesystem::path val_path;  // validation set; required when eval_every > 0
   LoraConfig lora;
   OptimizerConfig optimizer;
   StepShape step;                  // batch, seq_len and memory options
@@ -25,6 +26,8 @@ struct RecipeConfig {
   int64_t max_steps = 100;
   int64_t save_every = 0;          // 0: only at the end
   int64_t log_every = 1;
+  int64_t eval_every = 0;          // steps between validation losses (and at the end); 0: off
+  int64_t eval_batches = 8;        // validation micro-batches per evaluation, over all ranks
   uint64_t seed = 0;
   std::filesystem::path output_dir;
   bool resume = false;

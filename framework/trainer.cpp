@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cmath>
 #include <fstream>
+#include <optional>
 
 #include "data/token_dataset.h"
 #include "distributed/fingerprint.h"
@@ -18,6 +19,7 @@
 #include "framework/cuda_backend.h"
 #endif
 #include "framework/error.h"
+#include "framework/evaluation.h"
 #include "framework/lora.h"
 #include "framework/mamba_model.h"
 #include "framework/optimizer.h"
@@ -94,16 +96,22 @@ TrainingSummary run_training(const RecipeConfig& r, const ProcessGroup& group) {
   const MambaConfig& mc = weights.config();
   require_same_on_all_ranks(host, {{"model (its config.json)", mamba_config_to_json(mc).dump(),
                                     fmt::format("every host must see the same model at {}", r.model_path.string())}});
-  const TokenDataset dataset = TokenDataset::open(r.data_path.string());
-  if (dataset.info().vocab_size > mc.vocab_size)
-    fail("{}: the dataset's vocab_size {} exceeds the model's vocab_size {} ({})", r.data_path.string(),
-         dataset.info().vocab_size, mc.vocab_size, (r.model_path / "config.json").string());
+  auto open_dataset = [&](const fs::path& path) {
+    TokenDataset dataset = TokenDataset::open(path.string());
+    if (dataset.info().vocab_size > mc.vocab_size)
+      fail("{}: the dataset's vocab_size {} exceeds the model's vocab_size {} ({})", path.string(),
+           dataset.info().vocab_size, mc.vocab_size, (r.model_path / "config.json").string());
+    return dataset;
+  };
+  const TokenDataset dataset = open_dataset(r.data_path);
 
   const std::unique_ptr<Communicator> comm = make_communicator(group, watchdog, host, backend->stream());
   const ShardIndex shard = optimizer_shard(r.distributed.strategy, group.rank(), group.size());
   LoraAdapters adapters(*backend, mc, r.lora, shard);
   adapters.initialize(r.seed);
   TrainStep step_runner(*backend, weights, adapters, r.step);
+  std::optional<Validation> validation;
+  if (r.eval_every > 0) validation.emplace(open_dataset(r.val_path), r.eval_batches, r.step, host);
   DataParallelOptimizer optimizer(*backend, adapters, *comm, host, r.optimizer, r.distributed);
   SequenceSampler sampler(dataset, r.step.seq_len, r.seed);
   const int64_t L = r.step.seq_len, B = r.step.batch, accum = r.grad_accum;
@@ -201,6 +209,17 @@ TrainingSummary run_training(const RecipeConfig& r, const ProcessGroup& group) {
       fmt::print("step {:>5}/{}  loss {:.4f}  lr {:.2e}  grad_norm {:.3f}  {:.0f} tokens/s\n", step + 1, r.max_steps,
                  loss, update.lr, update.grad_norm, step_tokens / seconds);
       std::fflush(stdout);
+    }
+    if (validation && ((step + 1) % r.eval_every == 0 || step + 1 == r.max_steps)) {
+      const ValidationResult v = validation->evaluate(step_runner);
+      if (root) {
+        const nlohmann::json line = {{"step", step + 1}, {"val_loss", v.loss}, {"val_perplexity", v.perplexity},
+                                     {"val_tokens", v.target_tokens}};
+        metrics << line.dump() << "\n" << std::flush;
+        fmt::print("step {:>5}/{}  val_loss {:.4f}  val_perplexity {:.3f}\n", step + 1, r.max_steps, v.loss,
+                   v.perplexity);
+        std::fflush(stdout);
+      }
     }
     const bool save_now = (r.save_every > 0 && (step + 1) % r.save_every == 0) || step + 1 == r.max_steps;
     if (save_now) {
