@@ -8,12 +8,14 @@
 #include <bitset>
 #include <fstream>
 #include <functional>
+#include <map>
 #include <nlohmann/json.hpp>
 #include <unordered_map>
 
 #include "data/bpe_merges.h"
 #include "data/unicode_text.h"
 #include "framework/error.h"
+#include "framework/untrusted_json.h"
 
 namespace ssmtune {
 
@@ -21,41 +23,38 @@ using nlohmann::json;
 
 namespace {
 
-// Added tokens of one kind, matched leftmost-longest as HF's Aho-Corasick does.
+// Added tokens of one kind, matched leftmost-longest as HF's Aho-Corasick does. Grouped by length so
+// that loading n tokens takes O(n) and each text position costs one lookup per distinct length.
 class AddedTokenMatcher {
  public:
+  // A content added twice keeps its first id.
   void add(std::string content, uint32_t id) {
     first_bytes_.set(static_cast<uint8_t>(content.front()));
-    tokens_.push_back({std::move(content), id});
-    std::stable_sort(tokens_.begin(), tokens_.end(),
-                     [](const Token& a, const Token& b) { return a.content.size() > b.content.size(); });
+    by_length_[content.size()].emplace(std::move(content), id);
   }
 
   // Calls on_text for each stretch between matches (never empty) and on_token for each match.
   void split(std::string_view text, const std::function<void(std::string_view)>& on_text,
              const std::function<void(uint32_t)>& on_token) const {
     size_t start = 0;
-    for (size_t pos = 0; pos < text.size() && !tokens_.empty(); ++pos) {
+    for (size_t pos = 0; pos < text.size() && !by_length_.empty(); ++pos) {
       if (!first_bytes_.test(static_cast<uint8_t>(text[pos]))) continue;
-      for (const Token& token : tokens_) {
-        if (text.substr(pos).starts_with(token.content)) {
-          if (pos > start) on_text(text.substr(start, pos - start));
-          on_token(token.id);
-          start = pos + token.content.size();
-          pos = start - 1;
-          break;
-        }
+      for (const auto& [length, tokens] : by_length_) {
+        if (length > text.size() - pos) continue;
+        auto found = tokens.find(std::string(text.substr(pos, length)));
+        if (found == tokens.end()) continue;
+        if (pos > start) on_text(text.substr(start, pos - start));
+        on_token(found->second);
+        start = pos + length;
+        pos = start - 1;
+        break;
       }
     }
     if (start < text.size()) on_text(text.substr(start));
   }
 
  private:
-  struct Token {
-    std::string content;
-    uint32_t id;
-  };
-  std::vector<Token> tokens_;  // longest first
+  std::map<size_t, std::unordered_map<std::string, uint32_t>, std::greater<>> by_length_;  // longest first
   std::bitset<256> first_bytes_;
 };
 
@@ -68,7 +67,7 @@ class JsonReader {
     std::ifstream in(path_, std::ios::binary);
     if (!in) fail("tokenizer file '{}': cannot open it", path_);
     try {
-      return json::parse(in);
+      return parse_untrusted_json(fmt::format("tokenizer file '{}'", path_), in);
     } catch (const json::exception& e) {
       fail("tokenizer file '{}': not valid JSON: {}", path_, e.what());
     }
@@ -196,9 +195,15 @@ Tokenizer Tokenizer::load(const std::string& path) {
 
   const json& vocab = reader.field(model, "model.", "vocab");
   if (!vocab.is_object()) reader.unsupported("model.vocab", json(vocab.type_name()), "an object of token -> id");
+  const json& added = reader.field(root, "", "added_tokens");
+  if (!added.is_array()) reader.unsupported("added_tokens", json(added.type_name()), "an array");
+  // Ids are dense: none reaches the number of tokens the file lists. Bounding them so keeps the decode
+  // table as large as the file, where an id near 2^32 from a broken file would ask for ~100 GB.
+  const uint64_t id_limit = vocab.size() + added.size();
   for (const auto& [key, id_json] : vocab.items()) {
-    if (!id_json.is_number_unsigned() || id_json.get<uint64_t>() >= (1u << 31))
-      fail("tokenizer file '{}': key 'model.vocab' maps {} to {}, expected an id below 2^31", path, json(key).dump(), id_json.dump());
+    if (!id_json.is_number_unsigned() || id_json.get<uint64_t>() >= id_limit)
+      fail("tokenizer file '{}': key 'model.vocab' maps {} to {}, expected an id below {} (the number of vocab "
+           "and added tokens)", path, json(key).dump(), id_json.dump(), id_limit);
     auto id = id_json.get<uint32_t>();
     impl->key_to_id.emplace(key, id);
     if (impl->id_bytes.size() <= id) impl->id_bytes.resize(id + 1);
@@ -243,13 +248,15 @@ Tokenizer Tokenizer::load(const std::string& path) {
     impl->merges.add(a, b, merged);  // a repeated pair keeps its first (lowest) rank, as in HF
   }
 
-  const json& added = reader.field(root, "", "added_tokens");
-  if (!added.is_array()) reader.unsupported("added_tokens", json(added.type_name()), "an array");
   for (size_t i = 0; i < added.size(); ++i) {
     const std::string context = fmt::format("added_tokens[{}].", i);
     const json& token = added[i];
     auto content = reader.value<std::string>(token, context, "content");
-    auto id = reader.value<uint32_t>(token, context, "id");
+    const json& id_json = reader.field(token, context, "id");
+    if (!id_json.is_number_unsigned() || id_json.get<uint64_t>() >= id_limit)
+      fail("tokenizer file '{}': key '{}id' is {}, expected an id below {} (the number of vocab and added tokens)",
+           path, context, id_json.dump(), id_limit);
+    auto id = id_json.get<uint32_t>();
     for (const char* flag : {"single_word", "lstrip", "rstrip"}) reader.require(token, context, flag, json(false));
     if (content.empty()) fail("tokenizer file '{}': key '{}content' is empty", path, context);
     bool normalized = token.contains("normalized") && reader.value<bool>(token, context, "normalized");

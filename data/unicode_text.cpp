@@ -15,10 +15,7 @@
 
 namespace ssmtune {
 
-namespace {
-
-// Length of the valid UTF-8 prefix of `text` (the rules of RFC 3629, as utf8proc and PCRE2 apply).
-size_t valid_prefix(std::string_view text) {
+size_t valid_utf8_prefix(std::string_view text) {
   size_t pos = 0;
   while (pos < text.size()) {
     utf8proc_int32_t cp;
@@ -29,6 +26,8 @@ size_t valid_prefix(std::string_view text) {
   }
   return pos;
 }
+
+namespace {
 
 void append_nfc(std::string_view run, std::string& out) {
   bool ascii = true;
@@ -67,7 +66,7 @@ std::string nfc_normalize(std::string_view text) {
   std::string out;
   out.reserve(text.size());
   while (!text.empty()) {
-    size_t valid = valid_prefix(text);
+    size_t valid = valid_utf8_prefix(text);
     append_nfc(text.substr(0, valid), out);
     text.remove_prefix(valid);
     if (!text.empty()) {  // one invalid byte, kept as it is

@@ -11,6 +11,9 @@
 
 namespace ssmtune {
 
+// Length of the valid UTF-8 prefix of `text` (the rules of RFC 3629, as utf8proc and PCRE2 apply).
+size_t valid_utf8_prefix(std::string_view text);
+
 // NFC of each maximal valid UTF-8 run of `text`; invalid bytes are copied unchanged between them.
 std::string nfc_normalize(std::string_view text);
 

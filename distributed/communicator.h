@@ -43,6 +43,16 @@ class Communicator {
   // Blocks until every collective issued so far has completed, within the Watchdog's timeout.
   virtual void wait() = 0;
 
+  // Prefetching (framework/layer_weights.h): a buffer gathered ahead of its use, with compute going on
+  // meanwhile. collectives_issued() numbers the collective issued last (a communicator's collectives
+  // complete in the order issued; 0: none is outstanding); order_compute_after(n) makes the work issued on
+  // the backend's stream from now on wait, on the device and without blocking the host, until collective
+  // n has completed, while later collectives (gradient buckets) may still run. The host still calls
+  // wait() before it blocks on the backend's stream. MPI's collectives have completed when they return,
+  // so it has nothing to order.
+  virtual uint64_t collectives_issued() const = 0;
+  virtual void order_compute_after(uint64_t collective) = 0;
+
  protected:
   Communicator(int rank, int size) : rank_(rank), size_(size) {}
 

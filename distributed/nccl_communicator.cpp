@@ -4,6 +4,7 @@
 #include <nccl.h>
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <exception>
 #include <thread>
@@ -39,7 +40,8 @@ class NcclCommunicator final : public Communicator {
     check_cuda(cudaDeviceGetStreamPriorityRange(&least, &greatest), "NCCL communicator");
     check_cuda(cudaStreamCreateWithPriority(&stream_, cudaStreamNonBlocking, greatest), "NCCL communicator stream");
     check_cuda(cudaEventCreateWithFlags(&ready_, cudaEventDisableTiming), "NCCL communicator event");
-    check_cuda(cudaEventCreateWithFlags(&done_, cudaEventDisableTiming), "NCCL communicator event");
+    for (cudaEvent_t& event : done_)
+      check_cuda(cudaEventCreateWithFlags(&event, cudaEventDisableTiming), "NCCL communicator event");
     check_cuda(cudaMalloc(&barrier_value_, sizeof(float)), "NCCL communicator");
     check_cuda(cudaMemset(barrier_value_, 0, sizeof(float)), "NCCL communicator");
     ncclUniqueId id{};
@@ -72,11 +74,21 @@ class NcclCommunicator final : public Communicator {
     }
     cudaFree(barrier_value_);
     cudaEventDestroy(ready_);
-    cudaEventDestroy(done_);
+    for (cudaEvent_t event : done_) cudaEventDestroy(event);
     cudaStreamDestroy(stream_);
   }
 
   std::string name() const override { return "NCCL"; }
+  uint64_t collectives_issued() const override { return issued_; }
+
+  void order_compute_after(uint64_t collective) override {
+    if (collective == 0) return;
+    if (collective > issued_) fail("internal: ordering after NCCL collective {} of {} issued", collective, issued_);
+    // Its event has been recorded again for a later collective since: wait on the host instead (correct,
+    // only without the overlap).
+    if (issued_ - collective >= done_.size()) return wait();
+    check_cuda(cudaStreamWaitEvent(compute_, done(collective), 0), last_);
+  }
 
   void all_reduce_sum(void* buffer, size_t count, Element element) override {
     if (size() == 1 || count == 0) return;
@@ -140,7 +152,7 @@ class NcclCommunicator final : public Communicator {
         last_,
         [this] {
           check_async(last_);
-          const cudaError_t status = cudaEventQuery(done_);
+          const cudaError_t status = cudaEventQuery(done(issued_));
           if (status == cudaErrorNotReady) return false;
           check_cuda(status, last_);
           return true;
@@ -208,12 +220,18 @@ class NcclCommunicator final : public Communicator {
     issue();
     check(ncclGroupEnd(), "ncclGroupEnd");
     settle(what);
-    check_cuda(cudaEventRecord(done_, stream_), what);
+    ++issued_;
+    check_cuda(cudaEventRecord(done(issued_), stream_), what);
   }
+
+  // The event recorded after collective n: a ring, reused every done_.size() collectives.
+  cudaEvent_t done(uint64_t n) const { return done_[n % done_.size()]; }
 
   Watchdog& watchdog_;
   cudaStream_t compute_ = nullptr, stream_ = nullptr;
-  cudaEvent_t ready_ = nullptr, done_ = nullptr;
+  cudaEvent_t ready_ = nullptr;
+  std::array<cudaEvent_t, 16> done_{};
+  uint64_t issued_ = 0;  // collectives issued so far; the last one is number issued_
   float* barrier_value_ = nullptr;
   ncclComm_t comm_ = nullptr;
   bool aborted_ = false;

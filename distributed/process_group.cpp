@@ -12,6 +12,15 @@ ProcessGroup::ProcessGroup(int* argc, char*** argv, Ranks ranks) {
     owns_mpi_ = true;
   }
   comm_ = ranks == Ranks::world ? MPI_COMM_WORLD : MPI_COMM_SELF;
+  find_local_rank();
+}
+
+ProcessGroup::ProcessGroup(const ProcessGroup& parent, int color) : owns_comm_(true) {
+  MPI_Comm_split(parent.comm_, color, parent.rank_, &comm_);
+  find_local_rank();
+}
+
+void ProcessGroup::find_local_rank() {
   MPI_Comm_rank(comm_, &rank_);
   MPI_Comm_size(comm_, &size_);
   if (size_ > 1) {
@@ -26,6 +35,7 @@ ProcessGroup::ProcessGroup(int* argc, char*** argv, Ranks ranks) {
 ProcessGroup::~ProcessGroup() {
   int finalized = 0;
   MPI_Finalized(&finalized);
+  if (owns_comm_ && !finalized) MPI_Comm_free(&comm_);
   if (owns_mpi_ && !finalized) MPI_Finalize();
 }
 

@@ -15,6 +15,9 @@ class ProcessGroup {
   };
   // Initialises MPI if nobody has yet.
   ProcessGroup(int* argc, char*** argv, Ranks ranks = Ranks::world);
+  // The ranks of parent that pass the same color, in parent's rank order (e.g. the ranks that share one
+  // sequence under context parallelism). Collective over parent.
+  ProcessGroup(const ProcessGroup& parent, int color);
   ~ProcessGroup();
   ProcessGroup(const ProcessGroup&) = delete;
   ProcessGroup& operator=(const ProcessGroup&) = delete;
@@ -34,6 +37,8 @@ class ProcessGroup {
   MPI_Comm comm_ = MPI_COMM_NULL;
   int rank_ = 0, size_ = 1, local_rank_ = 0, local_size_ = 1;
   bool owns_mpi_ = false;
+  bool owns_comm_ = false;  // a split of another group's communicator
+  void find_local_rank();
 };
 
 }  // namespace ssmtune

@@ -35,8 +35,10 @@ class Arena {
   template <typename P>
   void add(P** slot, size_t bytes) {
     slots_.push_back({reinterpret_cast<void**>(const_cast<std::remove_const_t<P>**>(slot)), bytes_});
-    bytes_ += (bytes + kAlignment - 1) / kAlignment * kAlignment;
+    bytes_ += padded(bytes);
   }
+  // What a buffer of `bytes` takes in a plan: each starts on a kAlignment boundary.
+  static size_t padded(size_t bytes) { return (bytes + kAlignment - 1) / kAlignment * kAlignment; }
 
   // An allocation failure names the plan and its size.
   void allocate() {

@@ -7,9 +7,12 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
+#include <cstring>
 #include <regex>
 
 #include "framework/atomic_file.h"
+#include "framework/checkpoint_manifest.h"
 #include "framework/error.h"
 #include "framework/safetensors.h"
 
@@ -18,8 +21,8 @@ namespace {
 
 namespace fs = std::filesystem;
 
-const std::regex kStepDir(R"(step_(\d+))");
-constexpr const char* kFormat = "ssmtune-checkpoint-2";
+const std::regex kStepDir(R"(step_(\d{1,18}))");  // 18 digits fit int64_t
+constexpr const char* kFormat = "ssmtune-checkpoint-3";
 
 // The parameters as named tensors with PEFT's keys, in the master dtype, so a reload is bit-exact.
 void write_adapter(const LoraAdapters& adapters, const fs::path& path) {
@@ -67,11 +70,12 @@ struct MomentShard {
 };
 
 // Fills the moments of `wanted` (indices relative to wanted.begin) from the shards that overlap it.
-void read_moments(const fs::path& dir, const std::vector<MomentShard>& shards, FlatRange wanted,
-                  std::vector<double>& m, std::vector<double>& v) {
+void read_moments(const fs::path& dir, const CheckpointManifest& manifest, const std::vector<MomentShard>& shards,
+                  FlatRange wanted, std::vector<double>& m, std::vector<double>& v) {
   for (const MomentShard& shard : shards) {
     const FlatRange overlap = intersect(shard.range, wanted);
     if (overlap.size() == 0) continue;
+    manifest.verify(shard.file);
     const SafetensorsFile file = SafetensorsFile::open(dir / shard.file);
     const std::map<std::string, std::string>& meta = file.metadata();
     const auto said = [&meta](const char* key) { return meta.contains(key) ? meta.at(key) : "(none)"; };
@@ -94,11 +98,51 @@ void read_moments(const fs::path& dir, const std::vector<MomentShard>& shards, F
   }
 }
 
+// A rename or deletion inside `dir` is durable once the directory is synced.
 void fsync_directory(const fs::path& dir) {
-  const int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY);
-  if (fd >= 0) {
-    ::fsync(fd);
-    ::close(fd);
+  const int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  const bool synced = fd >= 0 && ::fsync(fd) == 0;
+  if (fd >= 0) ::close(fd);
+  if (!synced) fail("{}: cannot sync the directory: {}", dir.string(), std::strerror(errno));
+}
+
+std::optional<int64_t> step_of(const fs::directory_entry& entry) {
+  std::smatch match;
+  const std::string name = entry.path().filename().string();
+  if (!entry.is_directory() || !std::regex_match(name, match, kStepDir)) return std::nullopt;
+  return std::stoll(match[1].str());
+}
+
+// The step_<N> directories under root, newest first.
+std::vector<std::pair<int64_t, fs::path>> step_directories(const fs::path& root) {
+  std::vector<std::pair<int64_t, fs::path>> found;
+  if (!fs::is_directory(root)) return found;
+  for (const fs::directory_entry& entry : fs::directory_iterator(root))
+    if (const std::optional<int64_t> step = step_of(entry)) found.emplace_back(*step, entry.path());
+  std::sort(found.begin(), found.end(), [](const auto& a, const auto& b) { return a.first > b.first; });
+  return found;
+}
+
+// Deletes a checkpoint directory so that a crash midway leaves no half of it under a complete name:
+// it is renamed to a temporary first (removed by remove_interrupted_saves when a crash interrupts).
+void remove_checkpoint(const fs::path& dir) {
+  const fs::path doomed = dir.parent_path() / ("." + dir.filename().string() + ".removing");
+  fs::remove_all(doomed);
+  fs::rename(dir, doomed);
+  fsync_directory(dir.parent_path());
+  fs::remove_all(doomed);
+}
+
+// After checkpoint `newest` is complete: the older ones beyond the keep_last newest go.
+void remove_old_checkpoints(const fs::path& root, int64_t newest, int64_t keep_last) {
+  if (keep_last <= 0) return;
+  int64_t kept = 1;  // the new one
+  for (const auto& [step, dir] : step_directories(root)) {
+    if (step >= newest) continue;
+    if (kept < keep_last)
+      ++kept;
+    else
+      remove_checkpoint(dir);
   }
 }
 
@@ -109,7 +153,8 @@ std::string optimizer_file_name(ShardIndex shard) {
 }
 
 fs::path save_checkpoint(Communicator& ranks, const fs::path& output_dir, const LoraAdapters& adapters,
-                         ShardIndex optimizer_shard, const TrainingState& state, const std::string& resolved_recipe) {
+                         ShardIndex optimizer_shard, const TrainingState& state, const std::string& resolved_recipe,
+                         int64_t keep_last) {
   const fs::path root = output_dir / "checkpoints";
   const fs::path final_dir = root / ("step_" + std::to_string(state.step));
   const fs::path temp_dir = root / (".step_" + std::to_string(state.step) + ".tmp");
@@ -137,11 +182,11 @@ fs::path save_checkpoint(Communicator& ranks, const fs::path& output_dir, const 
     nlohmann::json targets = nlohmann::json::array();
     for (Projection p : lora.targets) targets.push_back(projection_name(p));
     nlohmann::json shards = nlohmann::json::array();
+    std::vector<std::string> files{kAdapterFile, kRecipeFile, kStateFile};
     for (int i = 0; i < optimizer_shard.count; ++i) {
       const FlatRange range = shard_range(adapters.numel(), {i, optimizer_shard.count});
-      shards.push_back({{"file", optimizer_file_name({i, optimizer_shard.count})},
-                        {"begin", range.begin},
-                        {"end", range.end}});
+      files.push_back(optimizer_file_name({i, optimizer_shard.count}));
+      shards.push_back({{"file", files.back()}, {"begin", range.begin}, {"end", range.end}});
     }
     const nlohmann::json json = {
         {"format", kFormat},
@@ -151,43 +196,64 @@ fs::path save_checkpoint(Communicator& ranks, const fs::path& output_dir, const 
         {"strategy", state.strategy},
         {"global_batch", state.global_batch},
         {"sampler", {{"epoch", state.sampler.epoch}, {"index", state.sampler.index}}},
+        {"bad_steps", {{"in_a_row", state.bad_steps_in_a_row}, {"total", state.bad_steps_total}}},
         {"lora", {{"rank", lora.rank}, {"alpha", lora.alpha}, {"dropout", lora.dropout}, {"rslora", lora.rslora},
                   {"targets", targets}}},
         {"optimizer", {{"numel", adapters.numel()}, {"shards", shards}}},
     };
     const std::string text = json.dump(2) + "\n";
     write_file_atomically(temp_dir / kStateFile, std::as_bytes(std::span(text)));
-    fsync_directory(temp_dir);
-    // A checkpoint of this step from an interrupted earlier run is replaced as a whole.
-    fs::remove_all(final_dir);
-    fs::rename(temp_dir, final_dir);
+    write_manifest(temp_dir, files);  // last: with it, and under its final name, the checkpoint is complete
+    // A checkpoint of this step from an interrupted earlier run is replaced as a whole (rename() cannot
+    // replace a directory that has files).
+    if (fs::exists(final_dir)) {
+      const fs::path replaced = root / (".step_" + std::to_string(state.step) + ".replaced");
+      fs::remove_all(replaced);
+      fs::rename(final_dir, replaced);
+      fs::rename(temp_dir, final_dir);
+      fsync_directory(root);
+      fs::remove_all(replaced);
+    } else {
+      fs::rename(temp_dir, final_dir);
+    }
     fsync_directory(root);
+    remove_old_checkpoints(root, state.step, keep_last);
   }
   ranks.barrier();  // no rank goes on (or exits) before the checkpoint is complete
   return final_dir;
 }
 
-std::optional<fs::path> latest_checkpoint(const fs::path& output_dir) {
-  const fs::path root = output_dir / "checkpoints";
-  if (!fs::is_directory(root)) return std::nullopt;
-  std::optional<fs::path> best;
-  int64_t best_step = -1;
-  for (const fs::directory_entry& entry : fs::directory_iterator(root)) {
-    std::smatch match;
-    const std::string name = entry.path().filename().string();
-    if (!entry.is_directory() || !std::regex_match(name, match, kStepDir)) continue;
-    if (!fs::exists(entry.path() / kStateFile)) continue;
-    const int64_t step = std::stoll(match[1].str());
-    if (step > best_step) {
-      best_step = step;
-      best = entry.path();
+CheckpointSearch find_latest_checkpoint(const fs::path& output_dir) {
+  CheckpointSearch search;
+  for (const auto& [step, dir] : step_directories(output_dir / "checkpoints")) {
+    try {
+      CheckpointManifest::read(dir).verify_all();
+      search.latest = dir;
+      return search;
+    } catch (const Error& e) {
+      search.skipped.emplace_back(dir, e.what());
     }
   }
-  return best;
+  return search;
+}
+
+std::vector<std::string> remove_interrupted_saves(const fs::path& output_dir) {
+  const fs::path root = output_dir / "checkpoints";
+  std::vector<std::string> removed;
+  if (!fs::is_directory(root)) return removed;
+  for (const fs::directory_entry& entry : fs::directory_iterator(root))
+    if (const std::string name = entry.path().filename().string(); name.starts_with(".step_"))
+      removed.push_back(name);
+  for (const std::string& name : removed) fs::remove_all(root / name);
+  if (!removed.empty()) fsync_directory(root);
+  std::sort(removed.begin(), removed.end());
+  return removed;
 }
 
 TrainingState load_checkpoint(const fs::path& dir, LoraAdapters& adapters) {
   const fs::path state_path = dir / kStateFile;
+  const CheckpointManifest manifest = CheckpointManifest::read(dir);
+  manifest.verify(kStateFile);
   nlohmann::json json;
   try {
     json = nlohmann::json::parse(read_text_file(state_path));
@@ -207,6 +273,8 @@ TrainingState load_checkpoint(const fs::path& dir, LoraAdapters& adapters) {
     state.global_batch = json.at("global_batch").get<int64_t>();
     state.sampler.epoch = json.at("sampler").at("epoch").get<uint64_t>();
     state.sampler.index = json.at("sampler").at("index").get<uint64_t>();
+    state.bad_steps_in_a_row = json.at("bad_steps").at("in_a_row").get<int64_t>();
+    state.bad_steps_total = json.at("bad_steps").at("total").get<int64_t>();
     const nlohmann::json& lora = json.at("lora");
     if (lora.at("rank").get<int64_t>() != adapters.config().rank)
       fail("{}: checkpoint has LoRA rank {}, the recipe asks for {}", state_path.string(),
@@ -231,10 +299,11 @@ TrainingState load_checkpoint(const fs::path& dir, LoraAdapters& adapters) {
   if (covered != adapters.numel())
     fail("{}: the optimizer shards cover {} of {} elements", state_path.string(), covered, adapters.numel());
 
+  manifest.verify(kAdapterFile);
   read_adapter(dir / kAdapterFile, adapters);
   const FlatRange wanted = adapters.optimizer_range();
   std::vector<double> m(static_cast<size_t>(wanted.size())), v(static_cast<size_t>(wanted.size()));
-  read_moments(dir, shards, wanted, m, v);
+  read_moments(dir, manifest, shards, wanted, m, v);
   adapters.upload(adapters.adam_m(), m);
   adapters.upload(adapters.adam_v(), v);
   return state;

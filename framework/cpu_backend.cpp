@@ -13,6 +13,7 @@
 #include "kernels/cpu/gemm.h"
 #include "kernels/cpu/lora.h"
 #include "kernels/cpu/nf4.h"
+#include "kernels/cpu/recurrent_step.h"
 #include "kernels/cpu/rmsnorm.h"
 #include "kernels/cpu/selective_scan.h"
 
@@ -30,6 +31,7 @@ class CpuBackend final : public Backend {
 
   void* allocate(size_t bytes) override {
     const size_t rounded = (bytes + 63) / 64 * 64;
+    count_allocation(rounded);
     void* ptr = std::aligned_alloc(64, rounded);
     if (!ptr && bytes) fail("cpu backend: out of host memory allocating {} bytes", bytes);
     sizes_[ptr] = rounded;
@@ -47,13 +49,19 @@ class CpuBackend final : public Backend {
   void copy_to_host(void* dst, const void* src, size_t bytes) override { std::memcpy(dst, src, bytes); }
   void copy(void* dst, const void* src, size_t bytes) override { std::memcpy(dst, src, bytes); }
   void fill_zero(void* dst, size_t bytes) override { std::memset(dst, 0, bytes); }
+  void copy_rows(void* dst, size_t dst_pitch, const void* src, size_t src_pitch, size_t row_bytes,
+                 int64_t rows) override {
+    for (int64_t r = 0; r < rows; ++r)
+      std::memcpy(static_cast<std::byte*>(dst) + r * dst_pitch, static_cast<const std::byte*>(src) + r * src_pitch,
+                  row_bytes);
+  }
   void synchronize() override {}
 
   size_t allocated_bytes() const override { return allocated_; }
 
-  // The dequantized weight, then dh of the LoRA backward.
+  // The dequantized weight, then dh of the LoRA backward; cpu::lora applies dropout on the fly.
   size_t linear_workspace_bytes(std::span<const std::array<int64_t, 2>> weight_shapes, int64_t rows,
-                                int64_t max_rank) const override {
+                                int64_t max_rank, bool /*dropout*/) const override {
     int64_t max_weight = 0;
     for (const auto& [out, in] : weight_shapes) max_weight = std::max(max_weight, out * in);
     return static_cast<size_t>(max_weight + rows * max_rank) * sizeof(T);
@@ -76,8 +84,8 @@ class CpuBackend final : public Backend {
     T* o = cast(out);
     for (int64_t r = 0; r < rows; ++r) std::memcpy(o + r * dim, tab + int64_t(tokens[r]) * dim, dim * sizeof(T));
   }
-  void rmsnorm_forward(const void* x, const void* add, void* x_out, const void* weight, void* y, void* rstd,
-                       int64_t rows, int64_t dim, double eps) override {
+  void rmsnorm_forward(const void* x, const void* add, void* x_out, const void* weight, void* y, int64_t ldy,
+                       void* rstd, int64_t rows, int64_t dim, double eps) override {
     const T* normed_input = cast(x);
     if (add) {
       const T* a = cast(add);
@@ -85,7 +93,7 @@ class CpuBackend final : public Backend {
       for (int64_t i = 0; i < rows * dim; ++i) out[i] = normed_input[i] + a[i];
       normed_input = out;
     }
-    cpu::rmsnorm_forward<T>(normed_input, cast(weight), cast(y), cast(rstd), rows, dim, static_cast<T>(eps));
+    cpu::rmsnorm_forward<T>(normed_input, dim, cast(weight), cast(y), ldy, cast(rstd), rows, dim, static_cast<T>(eps));
   }
   void rmsnorm_backward(const void* x, const void* weight, const void* rstd, const void* dy, void* dx, void* dx_act,
                         int64_t rows, int64_t dim) override {
@@ -109,9 +117,11 @@ class CpuBackend final : public Backend {
     dequantize(w, weight);
     cpu::gemm<T>(false, true, rows, w.out_features, w.in_features, T(1), cast(x), ldx, weight, w.in_features,
                  T(0), cast(y), ldy);
-    if (op.lora)
+    if (op.lora) {
+      const LoraHView h = lora_h_view(op, x, ldx, lora_h, sizeof(T));
       cpu::lora_forward<T>(lora_dims(op, rows), cast(x), ldx, cast(op.lora->A), cast(op.lora->B),
-                           static_cast<T>(op.lora->scale), dropout(*op.lora), cast(lora_h), cast(y), ldy);
+                           static_cast<T>(op.lora->scale), dropout(*op.lora), cast(h.data), h.ld, cast(y), ldy);
+    }
   }
   void linear_backward(const LinearOp& op, const void* x, int64_t ldx, int64_t rows, const void* dy,
                        int64_t ldy, const void* lora_h, void* dx, int64_t lddx, bool accumulate_dx,
@@ -123,40 +133,90 @@ class CpuBackend final : public Backend {
                  w.in_features, accumulate_dx ? T(1) : T(0), cast(dx), lddx);
     if (op.lora) {
       T* dh = weight + w.out_features * w.in_features;
+      const LoraHView h = lora_h_view(op, x, ldx, lora_h, sizeof(T));
       cpu::lora_backward<T>(lora_dims(op, rows), cast(x), ldx, cast(op.lora->A), cast(op.lora->B),
-                            static_cast<T>(op.lora->scale), dropout(*op.lora), cast(lora_h), cast(dy), ldy,
+                            static_cast<T>(op.lora->scale), dropout(*op.lora), cast(h.data), h.ld, cast(dy), ldy,
                             cast(op.lora->dA), cast(op.lora->dB), cast(dx), lddx, dh);
     }
   }
 
   void conv1d_silu_forward(const void* x, int64_t ldx, const void* weight, const void* bias, void* u,
-                           int64_t batch, int64_t len, int64_t dim, int64_t kernel) override {
-    cpu::causal_conv1d_silu_forward<T>(cast(x), ldx, cast(weight), cast(bias), cast(u), batch, len, dim, kernel);
+                           int64_t batch, int64_t len, int64_t dim, int64_t kernel, const int32_t* doc_start,
+                           const void* history) override {
+    cpu::causal_conv1d_silu_forward<T>(cast(x), ldx, cast(weight), cast(bias), cast(u), batch, len, dim, kernel,
+                                       doc_start, cast(history));
   }
   void conv1d_silu_backward(const void* x, int64_t ldx, const void* weight, const void* bias, const void* du,
-                            void* dx, int64_t lddx, int64_t batch, int64_t len, int64_t dim,
-                            int64_t kernel) override {
+                            void* dx, int64_t lddx, int64_t batch, int64_t len, int64_t dim, int64_t kernel,
+                            const int32_t* doc_start, const void* history, const void* d_tail) override {
+    if (d_tail && len < kernel - 1)
+      fail("conv1d_silu_backward: d_tail needs a slice of at least kernel-1 = {} tokens, got {}", kernel - 1, len);
     cpu::causal_conv1d_silu_backward<T>(cast(x), ldx, cast(weight), cast(bias), cast(du), cast(dx), lddx,
-                                        nullptr, nullptr, batch, len, dim, kernel);
+                                        nullptr, nullptr, batch, len, dim, kernel, doc_start, cast(history),
+                                        cast(d_tail));
+  }
+  void conv1d_silu_history_grad(const void* x, int64_t ldx, const void* weight, const void* bias, const void* du,
+                                int64_t batch, int64_t len, int64_t dim, int64_t kernel, const int32_t* doc_start,
+                                const void* history, void* d_history) override {
+    cpu::causal_conv1d_silu_history_grad<T>(cast(x), ldx, cast(weight), cast(bias), cast(du), batch, len, dim,
+                                            kernel, doc_start, cast(history), cast(d_history));
   }
 
   void selective_scan_forward(const ScanShape& s, const void* u, const void* delta, const void* delta_bias,
                               const void* A, const void* B, const void* C, int64_t bc_stride, const void* Dskip,
-                              const void* z, int64_t z_stride, void* out, void* chunk_states,
-                              void* /*workspace: the CPU forward needs none*/) override {
+                              const void* z, int64_t z_stride, void* out, int64_t out_stride, void* chunk_states,
+                              void* /*workspace: the CPU forward needs none*/, const int32_t* doc_start,
+                              const void* initial_state) override {
     cpu::selective_scan_forward<T>(cpu_shape(s), cast(u), cast(delta), cast(delta_bias), cast(A), cast(B),
-                                   cast(C), bc_stride, cast(Dskip), cast(z), z_stride, cast(out),
-                                   cast(chunk_states));
+                                   cast(C), bc_stride, cast(Dskip), cast(z), z_stride, cast(out), out_stride,
+                                   cast(chunk_states), doc_start, cast(initial_state));
   }
   void selective_scan_backward(const ScanShape& s, const void* u, const void* delta, const void* delta_bias,
                                const void* A, const void* B, const void* C, int64_t bc_stride,
                                const void* Dskip, const void* z, int64_t z_stride, const void* chunk_states,
                                const void* dout, void* du, void* ddelta, void* dB, void* dC, void* dz,
-                               void* workspace) override {
+                               void* workspace, const int32_t* doc_start, const void* initial_state,
+                               const void* d_final_state, void* d_initial_state) override {
     cpu::selective_scan_backward<T>(cpu_shape(s), cast(u), cast(delta), cast(delta_bias), cast(A), cast(B),
                                     cast(C), bc_stride, cast(Dskip), cast(z), z_stride, cast(chunk_states),
                                     cast(dout), cast(du), cast(ddelta), cast(dB), cast(dC), cast(dz), nullptr,
-                                    nullptr, nullptr, cast(workspace));
+                                    nullptr, nullptr, cast(workspace), doc_start, cast(initial_state),
+                                    cast(d_final_state), cast(d_initial_state));
+  }
+  void selective_scan_final_state(const ScanShape& s, const void* u, const void* delta, const void* delta_bias,
+                                  const void* A, const void* B, int64_t bc_stride, const int32_t* doc_start,
+                                  void* final_state, void* decay, void* /*workspace: none needed*/) override {
+    cpu::selective_scan_final_state<T>(cpu_shape(s), cast(u), cast(delta), cast(delta_bias), cast(A), cast(B),
+                                       bc_stride, doc_start, cast(final_state), cast(decay));
+  }
+  void selective_scan_initial_state_grad(const ScanShape& s, const void* delta, const void* delta_bias,
+                                         const void* A, const void* C, int64_t bc_stride, const void* z,
+                                         int64_t z_stride, const void* dout, const int32_t* doc_start,
+                                         void* d_initial_state, void* /*workspace: none needed*/) override {
+    cpu::selective_scan_initial_state_grad<T>(cpu_shape(s), cast(delta), cast(delta_bias), cast(A), cast(C),
+                                              bc_stride, cast(z), z_stride, cast(dout), doc_start,
+                                              cast(d_initial_state));
+  }
+  void scan_state_carry(void* state, const void* first, const void* second, int64_t n) override {
+    T* h = cast(state);
+    const T *a = cast(first), *b = cast(second);
+    for (int64_t i = 0; i < n; ++i) h[i] = a[i] + b[i] * h[i];
+  }
+
+  void conv1d_silu_step(const void* x, int64_t ldx, const void* weight, const void* bias, void* conv_window, void* u,
+                        int64_t rows, int64_t dim, int64_t kernel) override {
+    cpu::causal_conv1d_silu_step<T>(cast(x), ldx, cast(weight), cast(bias), cast(conv_window), cast(u), rows, dim,
+                                    kernel);
+  }
+  void selective_scan_step(const void* u, const void* delta, const void* delta_bias, const void* A, const void* B,
+                           const void* C, int64_t bc_stride, const void* Dskip, const void* z, int64_t z_stride,
+                           void* ssm_state, void* out, int64_t rows, int64_t dim, int64_t state) override {
+    cpu::selective_scan_step<T>(cast(u), cast(delta), cast(delta_bias), cast(A), cast(B), cast(C), bc_stride,
+                                cast(Dskip), cast(z), z_stride, cast(ssm_state), cast(out), rows, dim, state);
+  }
+  void lm_head_logits(const void* h, const void* table, int64_t rows, int64_t dim, int64_t vocab,
+                      void* logits) override {
+    cpu::gemm<T>(false, true, rows, vocab, dim, T(1), cast(h), dim, cast(table), dim, T(0), cast(logits), vocab);
   }
 
   double cross_entropy(const void* h, const void* table, int64_t rows, int64_t dim, int64_t vocab,

@@ -15,4 +15,7 @@ int cuda_device_count();
 // A backend on CUDA device `device`.
 std::unique_ptr<Backend> make_cuda_backend(int device = 0);
 
+// The CUDA backend's element and scratch sizes, for sizing its memory plans without a device.
+std::unique_ptr<BackendSizes> cuda_backend_sizes();
+
 }  // namespace ssmtune

@@ -1,7 +1,7 @@
 #include "framework/dtype.h"
 
 #include <array>
-#include <bit>
+#include <cmath>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -87,8 +87,37 @@ uint16_t float_to_bf16(float value) {
   return static_cast<uint16_t>(word >> 16);
 }
 
-float f16_to_float(uint16_t bits) { return static_cast<float>(std::bit_cast<_Float16>(bits)); }
-uint16_t float_to_f16(float value) { return std::bit_cast<uint16_t>(static_cast<_Float16>(value)); }
+// IEEE binary16 by hand, as a cast to and from _Float16 converts (checked on every float against gcc's
+// _Float16): clang before 15 has no _Float16 on x86-64, and the sanitizer and fuzz builds use clang.
+float f16_to_float(uint16_t bits) {
+  const uint32_t sign = static_cast<uint32_t>(bits & 0x8000u) << 16;
+  const uint32_t exponent = (bits >> 10) & 0x1fu, mantissa = bits & 0x3ffu;
+  if (exponent == 0) {  // zero or subnormal: mantissa * 2^-24, exact in float
+    const float magnitude = static_cast<float>(mantissa) * 0x1p-24f;
+    return sign ? -magnitude : magnitude;
+  }
+  uint32_t word = sign | (mantissa << 13);
+  word |= exponent == 0x1f ? 0x7f800000u | (mantissa ? 0x00400000u : 0u)  // infinity; NaN made quiet
+                           : (exponent + 112) << 23;                       // rebias 15 -> 127
+  float value;
+  std::memcpy(&value, &word, 4);
+  return value;
+}
+
+uint16_t float_to_f16(float value) {
+  uint32_t word;
+  std::memcpy(&word, &value, 4);
+  const auto sign = static_cast<uint16_t>((word >> 16) & 0x8000u);
+  const uint32_t magnitude = word & 0x7fffffffu;
+  if (magnitude > 0x7f800000u)  // NaN: quiet, keeping the top of the payload
+    return sign | 0x7e00u | static_cast<uint16_t>((magnitude >> 13) & 0x3ffu);
+  if (magnitude >= 0x477ff000u) return sign | 0x7c00u;  // 65520 and up round to infinity
+  if (magnitude >= 0x38800000u)  // normal in f16: round the mantissa to 10 bits, nearest even
+    return sign | static_cast<uint16_t>((magnitude + 0xfffu + ((magnitude >> 13) & 1u) - 0x38000000u) >> 13);
+  // Subnormal or zero in f16: |value| * 2^24 < 1024 is exact and rounds to the nearest even integer;
+  // 1024 is the encoding of the smallest normal.
+  return sign | static_cast<uint16_t>(std::nearbyint(std::fabs(value) * 0x1p24f));
+}
 
 void convert_to_float(DType dtype, const void* src, size_t n, float* dst) { convert(dtype, src, n, dst); }
 void convert_to_double(DType dtype, const void* src, size_t n, double* dst) { convert(dtype, src, n, dst); }

@@ -219,31 +219,85 @@ std::vector<MambaTensor> mamba_tensors(const MambaConfig& c, bool with_lm_head) 
   return tensors;
 }
 
-MambaWeights::MambaWeights(Backend& backend, MambaConfig config)
-    : config_(std::move(config)), arena_(backend, "frozen base weights") {}
+LayerNf4Layout layer_nf4_layout(const MambaConfig& c, int shards) {
+  if (shards < 1) fail("internal: NF4 layer layout for {} shards", shards);
+  LayerNf4Layout layout;
+  layout.shards = shards;
+  size_t offset = 0;
+  auto place = [&](int64_t bytes) {
+    const size_t at = offset;
+    offset += Arena::padded(static_cast<size_t>(bytes));
+    return at;
+  };
+  for (Projection p : kProjections) {
+    const auto [out, in] = projection_shape(c, p);
+    const cpu::Nf4Sizes sizes = cpu::nf4_sizes(out * in);
+    LayerNf4Layout::Buffers& b = layout.proj[static_cast<size_t>(p)];
+    b.packed = place(sizes.packed_bytes);
+    b.absmax_codes = place(sizes.blocks);
+    b.nested_absmax = place(sizes.nested_blocks * static_cast<int64_t>(sizeof(float)));
+  }
+  const size_t piece = static_cast<size_t>(shards) * Arena::padded(1);
+  layout.bytes = (offset + piece - 1) / piece * piece;
+  return layout;
+}
 
-MambaWeights MambaWeights::load(const std::filesystem::path& dir, Backend& backend) {
+MambaWeights::MambaWeights(Backend& backend, MambaConfig config, ShardIndex projection_shard)
+    : config_(std::move(config)),
+      projection_shard_(projection_shard),
+      nf4_layout_(layer_nf4_layout(config_, projection_shard.count)),
+      arena_(backend, projection_shard.count > 1 ? "frozen base weights (this rank's shard of the NF4 projections)"
+                                                 : "frozen base weights") {}
+
+MambaWeights MambaWeights::load(const std::filesystem::path& dir, Backend& backend, ShardIndex projection_shard) {
   const ModelFiles files = ModelFiles::open(dir);
   require_supported(files.config(), files.config_path().string());
   const ModelFilesSource source(files);
-  return from_source(files.config(), source, backend);
+  return from_source(files.config(), source, backend, projection_shard);
 }
 
-MambaWeights MambaWeights::random(const MambaConfig& config, Backend& backend, uint64_t seed) {
+MambaWeights MambaWeights::random(const MambaConfig& config, Backend& backend, uint64_t seed,
+                                  ShardIndex projection_shard) {
   // The tensors from `config`, as write_random_mamba draws them; the weights keep the config that
   // load() would read back from config.json.
   MambaConfig loaded = parse_mamba_config(mamba_config_to_json(config), "random base model");
   require_supported(loaded, "random base model");
   const RandomSource source(config, seed);
-  return from_source(std::move(loaded), source, backend);
+  return from_source(std::move(loaded), source, backend, projection_shard);
 }
 
-MambaWeights MambaWeights::from_source(MambaConfig config, const TensorSource& source, Backend& backend) {
+const MambaLayerWeights& MambaWeights::layer(int64_t i) const {
+  if (projections_sharded())
+    fail("internal: layer {}'s NF4 projections are sharded over {} ranks; framework/layer_weights.h gathers them", i,
+         projection_shard_.count);
+  return layers_[static_cast<size_t>(i)];
+}
+
+MambaLayerWeights MambaWeights::layer_at(int64_t i, const void* block) const {
+  MambaLayerWeights w = layers_[static_cast<size_t>(i)];
+  const auto* bytes = static_cast<const uint8_t*>(block);
+  for (Projection p : kProjections) {
+    const LayerNf4Layout::Buffers& at = nf4_layout_.proj[static_cast<size_t>(p)];
+    Nf4Weight& q = w.proj[static_cast<size_t>(p)];
+    q.packed = bytes + at.packed;
+    q.absmax_codes = bytes + at.absmax_codes;
+    q.nested_absmax = reinterpret_cast<const float*>(bytes + at.nested_absmax);
+  }
+  return w;
+}
+
+MambaWeights MambaWeights::from_source(MambaConfig config, const TensorSource& source, Backend& backend,
+                                       ShardIndex shard) {
   using Kind = MambaTensor::Kind;
-  MambaWeights w(backend, std::move(config));
+  if (shard.count < 1 || shard.index < 0 || shard.index >= shard.count)
+    fail("internal: base weight shard {} of {}", shard.index, shard.count);
+  MambaWeights w(backend, std::move(config), shard);
   const MambaConfig& c = w.config_;
   const DType act = backend.act_dtype(), master = backend.master_dtype();
+  const bool sharded = shard.count > 1;
+  const LayerNf4Layout& layout = w.nf4_layout_;
   w.layers_.resize(static_cast<size_t>(c.n_layer));
+  w.layer_nf4_.resize(static_cast<size_t>(c.n_layer));
 
   // What goes where, in the order the tensors are read.
   std::vector<Placement> placements;
@@ -276,39 +330,48 @@ MambaWeights MambaWeights::from_source(MambaConfig config, const TensorSource& s
     for (int64_t i = 0; i < c.n_layer; ++i)
       placements.push_back({{"", {c.d_inner}, Kind::conv_bias, i}, false, &w.layers_[i].conv_bias, master});
 
-  // One allocation, sized from the config alone.
-  for (const Placement& pl : placements) {
-    const int64_t numel = pl.tensor.numel();
-    if (!pl.nf4) {
-      w.arena_.add(pl.slot, static_cast<size_t>(numel) * dtype_size(pl.dtype));
-      continue;
-    }
-    const cpu::Nf4Sizes sizes = cpu::nf4_sizes(numel);
-    w.arena_.add(&pl.nf4->packed, static_cast<size_t>(sizes.packed_bytes));
-    w.arena_.add(&pl.nf4->absmax_codes, static_cast<size_t>(sizes.blocks));
-    w.arena_.add(&pl.nf4->nested_absmax, static_cast<size_t>(sizes.nested_blocks) * sizeof(float));
-  }
+  // One allocation, sized from the config alone: each layer's NF4 block (or this rank's shard of it),
+  // and the dense tensors.
+  for (const void*& block : w.layer_nf4_) w.arena_.add(&block, layout.shard_bytes());
+  for (const Placement& pl : placements)
+    if (!pl.nf4) w.arena_.add(pl.slot, static_cast<size_t>(pl.tensor.numel()) * dtype_size(pl.dtype));
   w.arena_.allocate();
+  if (!sharded)
+    for (int64_t i = 0; i < c.n_layer; ++i) w.layers_[i] = w.layer_at(i, w.layer_nf4_[i]);
+  // Sharded, each layer's block is built whole in a staging block, and this rank keeps its shard.
+  Arena staging(backend, "one layer's NF4 projections, while loading sharded base weights");
+  const void* staging_block = nullptr;
+  if (sharded) {
+    staging.add(&staging_block, layout.bytes);
+    staging.allocate();
+  }
+  std::vector<size_t> projections_loaded(static_cast<size_t>(c.n_layer));
 
   // Then one tensor at a time: read, convert or quantize, copy, drop.
   for (const Placement& pl : placements) {
     if (!pl.from_source) continue;
     const int64_t numel = pl.tensor.numel();
     if (Nf4Weight* q = pl.nf4) {
+      const auto layer = static_cast<size_t>(pl.tensor.layer);
+      auto* block = static_cast<uint8_t*>(const_cast<void*>(sharded ? staging_block : w.layer_nf4_[layer]));
+      const LayerNf4Layout::Buffers& at = layout.proj[static_cast<size_t>(pl.tensor.projection)];
+      uint8_t* packed = block + at.packed;
+      uint8_t* absmax_codes = block + at.absmax_codes;
+      auto* nested_absmax = reinterpret_cast<float*>(block + at.nested_absmax);
       if (const std::optional<Nf4HostWeight> stored = source.read_stored_nf4(pl.tensor)) {
-        backend.copy_from_host(const_cast<uint8_t*>(q->packed), stored->packed.data(), stored->packed.size());
-        backend.copy_from_host(const_cast<uint8_t*>(q->absmax_codes), stored->absmax_codes.data(),
-                               stored->absmax_codes.size());
-        backend.copy_from_host(const_cast<float*>(q->nested_absmax), stored->nested_absmax.data(),
+        backend.copy_from_host(packed, stored->packed.data(), stored->packed.size());
+        backend.copy_from_host(absmax_codes, stored->absmax_codes.data(), stored->absmax_codes.size());
+        backend.copy_from_host(nested_absmax, stored->nested_absmax.data(),
                                stored->nested_absmax.size() * sizeof(float));
         q->nested_offset = stored->nested_offset;
-        continue;
+      } else {
+        std::vector<float> weight(static_cast<size_t>(numel));
+        source.read_float(pl.tensor, weight.data());
+        backend.nf4_quantize(weight.data(), numel, packed, absmax_codes, nested_absmax, &q->nested_offset);
       }
-      std::vector<float> weight(static_cast<size_t>(numel));
-      source.read_float(pl.tensor, weight.data());
-      backend.nf4_quantize(weight.data(), numel, const_cast<uint8_t*>(q->packed),
-                           const_cast<uint8_t*>(q->absmax_codes), const_cast<float*>(q->nested_absmax),
-                           &q->nested_offset);
+      if (sharded && ++projections_loaded[layer] == kProjections.size())
+        backend.copy(const_cast<void*>(w.layer_nf4_[layer]), block + shard.index * layout.shard_bytes(),
+                     layout.shard_bytes());
       continue;
     }
     std::vector<double> values(static_cast<size_t>(numel));
@@ -318,6 +381,7 @@ MambaWeights MambaWeights::from_source(MambaConfig config, const TensorSource& s
     const std::vector<std::byte> bytes = encode(values, pl.dtype);
     backend.copy_from_host(const_cast<void*>(*pl.slot), bytes.data(), bytes.size());
   }
+  backend.synchronize();  // the shard copies have read the staging block before it goes
   if (tied) w.lm_head_ = w.embedding_;
   return w;
 }

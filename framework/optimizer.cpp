@@ -19,12 +19,15 @@ void* at(void* base, int64_t offset, DType dtype) {
 }
 
 // Clips the gradients of the adapters' optimizer_range() by the global norm sqrt(grad_sum_of_squares)
-// and applies AdamW update number step+1 to that range.
+// and applies AdamW update number step+1 to that range; touches nothing when told to skip or when the
+// norm is not finite (one inf or NaN gradient makes it so).
 UpdateStats clip_and_update(Backend& backend, LoraAdapters& adapters, const OptimizerConfig& c, int64_t step,
-                            double grad_sum_of_squares) {
+                            double grad_sum_of_squares, bool skip = false) {
   UpdateStats stats;
   stats.lr = learning_rate(c, step);
   stats.grad_norm = std::sqrt(grad_sum_of_squares);
+  stats.skipped = skip || !std::isfinite(stats.grad_norm);
+  if (stats.skipped) return stats;
   const FlatRange range = adapters.optimizer_range();
   void* grads = at(adapters.grads(), range.begin, adapters.dtype());
   if (c.max_grad_norm > 0 && stats.grad_norm > c.max_grad_norm)
@@ -85,7 +88,7 @@ void DataParallelOptimizer::start_step() { buckets_.start(adapters_.grads()); }
 
 void DataParallelOptimizer::layer_backward_done(int64_t layer) { buckets_.layer_done(layer); }
 
-UpdateStats DataParallelOptimizer::update(int64_t step) {
+UpdateStats DataParallelOptimizer::update(int64_t step, bool loss_is_finite) {
   buckets_.finish();
   comm_.wait();
   double grad_sum_of_squares = 0;
@@ -97,8 +100,9 @@ UpdateStats DataParallelOptimizer::update(int64_t step) {
     grad_sum_of_squares = backend_.sum_of_squares(at(adapters_.grads(), shard.begin, adapters_.dtype()), shard.size());
     host_.all_reduce_sum(&grad_sum_of_squares, 1, Element::f64);
   }
-  const UpdateStats stats = clip_and_update(backend_, adapters_, config_, step, grad_sum_of_squares);
-  if (strategy_ != ShardingStrategy::ddp) {
+  const UpdateStats stats = clip_and_update(backend_, adapters_, config_, step, grad_sum_of_squares, !loss_is_finite);
+  // A skipped update skips on every rank (the norm is global), and the adapters are still the same.
+  if (strategy_ != ShardingStrategy::ddp && !stats.skipped) {
     comm_.all_gather(adapters_.params(), param_counts_, element_);
     comm_.wait();
   }

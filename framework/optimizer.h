@@ -30,9 +30,13 @@ double learning_rate(const OptimizerConfig& config, int64_t step);
 struct UpdateStats {
   double lr = 0;
   double grad_norm = 0;  // before clipping
+  // The loss or the gradient norm was not finite, and nothing was updated: adapters and moments are as
+  // they were (the trainer counts such steps, train.max_bad_steps).
+  bool skipped = false;
 };
 
-// One process: clips the gradients to max_grad_norm and applies AdamW update number step+1.
+// One process: clips the gradients to max_grad_norm and applies AdamW update number step+1, or skips
+// it when the gradient norm is not finite.
 UpdateStats apply_update(Backend& backend, LoraAdapters& adapters, const OptimizerConfig& config, int64_t step);
 
 // The update of a data-parallel job (distributed/strategy.h). Gradients are summed over the ranks
@@ -52,8 +56,10 @@ class DataParallelOptimizer {
   // Layer `layer`'s backward of the last micro-batch has been issued: its gradients are complete, and
   // its bucket may go out while the backward continues below it.
   void layer_backward_done(int64_t layer);
-  // Finishes the reduction, clips, applies AdamW update number step+1 and gathers the adapters.
-  UpdateStats update(int64_t step);
+  // Finishes the reduction, clips, applies AdamW update number step+1 and gathers the adapters. Skips
+  // the update on every rank when loss_is_finite is false or the global gradient norm is not finite
+  // (both are the same on every rank: the caller passes the all-reduced loss).
+  UpdateStats update(int64_t step, bool loss_is_finite = true);
 
   const GradientBuckets& buckets() const { return buckets_; }
 

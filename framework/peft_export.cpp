@@ -61,9 +61,9 @@ std::vector<std::string> export_peft_adapter(const std::filesystem::path& checkp
       {"peft_version", kPeftFormatVersion},
   };
   std::filesystem::create_directories(out_dir);
-  writer.write(out_dir / "adapter_model.safetensors");
+  writer.write(out_dir / kPeftWeightsFile);
   const std::string text = config.dump(2) + "\n";
-  write_file_atomically(out_dir / "adapter_config.json", std::as_bytes(std::span(text)));
+  write_file_atomically(out_dir / kPeftConfigFile, std::as_bytes(std::span(text)));
   return warnings;
 }
 

@@ -7,6 +7,10 @@
 
 namespace ssmtune {
 
+// The two files of a PEFT adapter directory (framework/peft_import.h reads them back).
+inline constexpr const char* kPeftConfigFile = "adapter_config.json";
+inline constexpr const char* kPeftWeightsFile = "adapter_model.safetensors";
+
 // Writes the adapter into out_dir and returns warnings for the user (e.g. targets PEFT refuses).
 std::vector<std::string> export_peft_adapter(const std::filesystem::path& checkpoint_dir,
                                              const std::filesystem::path& out_dir);

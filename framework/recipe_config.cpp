@@ -13,17 +13,30 @@ namespace {
 
 using Flat = std::map<std::string, YAML::Node>;
 
-// Mappings become dotted keys; scalars and sequences are leaves.
-void flatten(const YAML::Node& node, const std::string& prefix, const std::string& source, Flat& out) {
+// Mappings become dotted keys; scalars and sequences are leaves. Aliases can make the mappings a graph:
+// one naming another exponentially often, or one containing itself. So the walk stops after far more
+// nodes, and deeper, than a recipe has (its keys are two levels deep).
+constexpr size_t kMaxRecipeNodes = 10'000;
+constexpr int kMaxRecipeDepth = 8;
+void flatten(const YAML::Node& node, const std::string& prefix, const std::string& source, Flat& out,
+             size_t& visited, int depth = 0) {
+  if (++visited > kMaxRecipeNodes)
+    fail("{}: more than {} mappings and values (aliases expanding?); a recipe has a few dozen", source,
+         kMaxRecipeNodes);
   if (!node.IsMap()) {
     out[prefix] = node;
     return;
   }
+  if (depth == kMaxRecipeDepth)
+    fail("{}: key '{}' is nested more than {} levels deep (an alias to a mapping that contains it?)", source,
+         prefix.substr(0, 200), kMaxRecipeDepth);
   for (const auto& item : node) {
-    const std::string key = item.first.as<std::string>();
+    if (!item.first.IsScalar())
+      fail("{}: line {}: a key must be a plain name, not a list, mapping or null", source, item.first.Mark().line + 1);
+    const std::string key = item.first.Scalar();
     if (key.find('.') != std::string::npos || key.empty())
       fail("{}: key '{}' must be a plain name (nest mappings instead of using dots)", source, key);
-    flatten(item.second, prefix.empty() ? key : prefix + "." + key, source, out);
+    flatten(item.second, prefix.empty() ? key : prefix + "." + key, source, out, visited, depth + 1);
   }
 }
 
@@ -71,7 +84,8 @@ RecipeConfig parse_recipe(const std::string& yaml_text, const std::string& sourc
   }
   if (!root.IsMap() && !root.IsNull()) fail("{}: a recipe is a YAML mapping of keys", source);
   Flat flat;
-  if (root.IsMap()) flatten(root, "", source, flat);
+  size_t visited = 0;
+  if (root.IsMap()) flatten(root, "", source, flat, visited);
 
   RecipeConfig r;
   r.source = source;
@@ -82,6 +96,7 @@ RecipeConfig parse_recipe(const std::string& yaml_text, const std::string& sourc
       {"data.path", [&](const std::string& k) { r.data_path = scalar<std::string>(flat, k, source); }},
       {"data.val_path", [&](const std::string& k) { r.val_path = scalar<std::string>(flat, k, source); }},
       {"data.seq_len", [&](const std::string& k) { r.step.seq_len = scalar<int64_t>(flat, k, source); }},
+      {"data.packing", [&](const std::string& k) { r.packing = scalar<bool>(flat, k, source); }},
       {"lora.rank", [&](const std::string& k) { r.lora.rank = scalar<int64_t>(flat, k, source); }},
       {"lora.alpha", [&](const std::string& k) { r.lora.alpha = scalar<double>(flat, k, source); }},
       {"lora.dropout", [&](const std::string& k) { r.lora.dropout = scalar<double>(flat, k, source); }},
@@ -92,7 +107,10 @@ RecipeConfig parse_recipe(const std::string& yaml_text, const std::string& sourc
          if (!node.IsSequence() || node.size() == 0)
            fail("{}: key '{}' must be a non-empty list of projections, e.g. [in_proj, x_proj]", source, k);
          r.lora.targets.clear();
-         for (const auto& item : node) r.lora.targets.push_back(parse_projection(item.as<std::string>(), source));
+         for (const auto& item : node) {
+           if (!item.IsScalar()) fail("{}: key '{}' must be a list of projection names, e.g. [in_proj, x_proj]", source, k);
+           r.lora.targets.push_back(parse_projection(item.Scalar(), source));
+         }
        }},
       {"train.batch_size", [&](const std::string& k) { r.step.batch = scalar<int64_t>(flat, k, source); }},
       {"train.grad_accum", [&](const std::string& k) { r.grad_accum = scalar<int64_t>(flat, k, source); }},
@@ -110,6 +128,8 @@ RecipeConfig parse_recipe(const std::string& yaml_text, const std::string& sourc
       {"train.save_every", [&](const std::string& k) { r.save_every = scalar<int64_t>(flat, k, source); }},
       {"train.log_every", [&](const std::string& k) { r.log_every = scalar<int64_t>(flat, k, source); }},
       {"train.resume", [&](const std::string& k) { r.resume = scalar<bool>(flat, k, source); }},
+      {"train.keep_last", [&](const std::string& k) { r.keep_last = scalar<int64_t>(flat, k, source); }},
+      {"train.max_bad_steps", [&](const std::string& k) { r.max_bad_steps = scalar<int64_t>(flat, k, source); }},
       {"eval.every", [&](const std::string& k) { r.eval_every = scalar<int64_t>(flat, k, source); }},
       {"eval.batches", [&](const std::string& k) { r.eval_batches = scalar<int64_t>(flat, k, source); }},
       {"distributed.strategy",
@@ -121,9 +141,15 @@ RecipeConfig parse_recipe(const std::string& yaml_text, const std::string& sourc
        }},
       {"distributed.bucket_mb", [&](const std::string& k) { r.distributed.bucket_mb = scalar<double>(flat, k, source); }},
       {"distributed.timeout_s", [&](const std::string& k) { r.distributed.timeout_s = scalar<double>(flat, k, source); }},
+      {"parallel.context", [&](const std::string& k) { r.distributed.context = scalar<int>(flat, k, source); }},
+      {"distributed.shard_base_weights",
+       [&](const std::string& k) { r.distributed.shard_base_weights = scalar<bool>(flat, k, source); }},
       {"memory.recompute", [&](const std::string& k) { r.step.recompute = scalar<bool>(flat, k, source); }},
       {"memory.scan_chunk", [&](const std::string& k) { r.step.scan_chunk = scalar<int64_t>(flat, k, source); }},
+      {"memory.checkpoint_every",
+       [&](const std::string& k) { r.step.checkpoint_every = scalar<int64_t>(flat, k, source); }},
       {"memory.loss_slice", [&](const std::string& k) { r.step.loss_slice_rows = scalar<int64_t>(flat, k, source); }},
+      {"memory.budget_mb", [&](const std::string& k) { r.memory_budget_mb = scalar<double>(flat, k, source); }},
   };
 
   for (const std::string& override_text : overrides) {
@@ -148,6 +174,10 @@ RecipeConfig parse_recipe(const std::string& yaml_text, const std::string& sourc
   if (r.max_steps <= 0) fail("{}: train.max_steps must be positive, got {}", source, r.max_steps);
   if (r.grad_accum <= 0) fail("{}: train.grad_accum must be positive, got {}", source, r.grad_accum);
   if (r.log_every <= 0) fail("{}: train.log_every must be positive, got {}", source, r.log_every);
+  if (r.keep_last < 0) fail("{}: train.keep_last must be 0 (keep all) or a number of checkpoints, got {}", source, r.keep_last);
+  if (r.max_bad_steps <= 0)
+    fail("{}: train.max_bad_steps must be positive (1 stops at the first non-finite step), got {}", source,
+         r.max_bad_steps);
   if (r.eval_every < 0) fail("{}: eval.every must be 0 (off) or a positive number of steps, got {}", source, r.eval_every);
   if (r.eval_batches <= 0) fail("{}: eval.batches must be positive, got {}", source, r.eval_batches);
   if (r.eval_every > 0 && !flat.contains("data.val_path"))
@@ -155,8 +185,16 @@ RecipeConfig parse_recipe(const std::string& yaml_text, const std::string& sourc
          r.eval_every);
   if (!(r.distributed.bucket_mb > 0))
     fail("{}: distributed.bucket_mb must be positive, got {}", source, r.distributed.bucket_mb);
+  if (r.distributed.context < 1)
+    fail("{}: parallel.context must be at least 1 (the ranks one sequence is split over), got {}", source,
+         r.distributed.context);
+  if (r.step.seq_len % r.distributed.context != 0)
+    fail("{}: data.seq_len {} must be a multiple of parallel.context {} (each rank takes an equal slice)", source,
+         r.step.seq_len, r.distributed.context);
   if (!(r.distributed.timeout_s > 0))
     fail("{}: distributed.timeout_s must be positive, got {}", source, r.distributed.timeout_s);
+  if (!(r.memory_budget_mb >= 0))
+    fail("{}: memory.budget_mb must be 0 (no budget) or a number of MiB, got {}", source, r.memory_budget_mb);
   if (r.device != "auto" && r.device != "cpu" && r.device != "cuda")
     fail("{}: device must be auto, cpu or cuda, got '{}'", source, r.device);
   r.optimizer.total_steps = r.max_steps;

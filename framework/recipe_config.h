@@ -19,6 +19,7 @@ struct RecipeConfig {
   std::filesystem::path model_path;
   std::filesystem::path data_path;
   std::filesystem::path val_path;  // validation set; required when eval_every > 0
+  bool packing = true;             // documents packed into sequences, restarting at each (data/README.md)
   LoraConfig lora;
   OptimizerConfig optimizer;
   StepShape step;                  // batch, seq_len and memory options
@@ -31,7 +32,10 @@ struct RecipeConfig {
   uint64_t seed = 0;
   std::filesystem::path output_dir;
   bool resume = false;
+  int64_t keep_last = 0;           // complete checkpoints kept, the newest; 0: all
+  int64_t max_bad_steps = 10;      // non-finite steps in a row that stop the job (framework/bad_steps.h)
   DistributedConfig distributed;   // how the ranks of an mpirun job share the work
+  double memory_budget_mb = 0;     // the most MiB each rank's memory plans may take (Backend); 0: no budget
   std::string resolved_yaml;       // the whole recipe after overrides, saved with checkpoints
 };
 

@@ -17,6 +17,7 @@
 
 #include "framework/atomic_file.h"
 #include "framework/error.h"
+#include "framework/untrusted_json.h"
 
 namespace ssmtune {
 namespace {
@@ -156,7 +157,7 @@ void SafetensorsFile::Impl::parse_header(std::string_view header) {
   if (header.empty() || header.front() != '{') bad("header does not start with '{'");
   nlohmann::json json;
   try {
-    json = nlohmann::json::parse(header.begin(), header.end());
+    json = parse_untrusted_json(path.string() + ": header", header.begin(), header.end());
   } catch (const nlohmann::json::parse_error& e) {
     bad(fmt::format("header is not valid UTF-8 JSON: {}", e.what()));
   }

@@ -14,70 +14,154 @@ void check_token(uint32_t token, int64_t vocab, int64_t sequence, int64_t positi
          vocab);
 }
 
+void check_checkpoint_every(int64_t k) {
+  if (k <= 0) fail("memory.checkpoint_every must be positive (1: every layer's input kept), got {}", k);
+}
+
+// The Arena's arithmetic without its allocation: what TrainStep::planned_bytes sums.
+class PlanSize {
+ public:
+  template <typename P>
+  void add(P**, size_t bytes) {
+    bytes_ += Arena::padded(bytes);
+  }
+  size_t bytes() const { return bytes_; }
+
+ private:
+  size_t bytes_ = 0;
+};
+
 }  // namespace
 
+template <typename Plan>
+StepPlanBytes TrainStepBuffers::declare(Plan& plan, const BackendSizes& backend, const MambaConfig& c,
+                                        const LoraConfig& lora, const StepShape& shape) {
+  if (shape.batch <= 0 || shape.seq_len <= 0) fail("batch size and sequence length must be positive");
+  if (shape.scan_chunk <= 0) fail("memory.scan_chunk must be positive, got {}", shape.scan_chunk);
+  if (shape.loss_slice_rows <= 0) fail("memory.loss_slice must be positive, got {}", shape.loss_slice_rows);
+  const int64_t k = shape.checkpoint_every;
+  check_checkpoint_every(k);
+  if (k > 1 && !shape.recompute)
+    fail("memory.checkpoint_every={} needs memory.recompute=true: without recomputation every layer's activations "
+         "are kept, and the layer inputs with them (set memory.checkpoint_every=1)", k);
+  const size_t act = dtype_size(backend.act_dtype()), master = dtype_size(backend.master_dtype());
+  const int64_t T = shape.batch * shape.seq_len, D = c.d_inner, xdbl_cols = c.dt_rank + 2 * c.d_state;
+  const ScanShape scan{shape.batch, shape.seq_len, D, c.d_state, shape.scan_chunk};
+
+  // x_proj's input u comes from the conv, which writes it densely: its h keeps a buffer of its own.
+  auto h_columns = [&](Projection p) {
+    return p != Projection::x_proj && lora.targets_projection(p) ? lora_h_columns(lora.rank) : 0;
+  };
+  hn_cols_ = c.d_model + h_columns(Projection::in_proj);
+  dt_in_cols_ = c.dt_rank + h_columns(Projection::dt_proj);
+  y_cols_ = D + h_columns(Projection::out_proj);
+
+  const size_t carried_history = shape.batch * (c.conv_kernel - 1) * D * act;
+  const size_t carried_state = shape.batch * D * c.d_state * master;
+
+  residual_.assign(static_cast<size_t>(c.n_layer + 1), nullptr);
+  for (int64_t i = 0; i <= c.n_layer; ++i)
+    if (residual_is_checkpoint(i, c.n_layer, k)) plan.add(&residual_[i], T * c.d_model * master);
+  segment_residuals_.resize(static_cast<size_t>(std::min(k, c.n_layer) - 1));
+  for (void*& r : segment_residuals_) plan.add(&r, T * c.d_model * master);
+  layer_acts_.resize(shape.recompute ? 1 : static_cast<size_t>(c.n_layer));
+  for (LayerActivations& a : layer_acts_) {
+    plan.add(&a.hn, T * hn_cols_ * act);
+    plan.add(&a.rstd, T * master);
+    plan.add(&a.xz, T * 2 * D * act);
+    plan.add(&a.u, T * D * act);
+    plan.add(&a.xdbl, T * xdbl_cols * act);
+    if (c.has_mixer_norm()) {
+      plan.add(&a.xdbl_raw, T * xdbl_cols * act);
+      plan.add(&a.mixer_rstd, 3 * T * master);
+    }
+    plan.add(&a.dt, T * D * act);
+    if (h_columns(Projection::dt_proj) > 0) plan.add(&a.dt_in, T * dt_in_cols_ * act);
+    plan.add(&a.y, T * y_cols_ * act);
+    plan.add(&a.states, scan.batch * scan.num_chunks() * D * c.d_state * master);
+    if (lora.targets_projection(Projection::x_proj))
+      plan.add(&a.lora_h[static_cast<size_t>(Projection::x_proj)], T * lora.rank * act);
+    if (shape.context_ranks > 1) {
+      plan.add(&a.conv_history, carried_history);
+      plan.add(&a.scan_initial, carried_state);
+      plan.add(&a.scan_decay, carried_state);
+    }
+  }
+  plan.add(&mixer_out_, T * c.d_model * act);
+  plan.add(&final_normed_, T * c.d_model * act);
+  plan.add(&final_rstd_, T * master);
+  plan.add(&inputs_, T * sizeof(int32_t));
+  plan.add(&targets_, T * sizeof(int32_t));
+  plan.add(&doc_start_, T * sizeof(int32_t));
+  plan.add(&loss_weights_, T * act);
+  plan.add(&d_residual_, T * c.d_model * master);
+  plan.add(&d_act_model_, T * c.d_model * act);
+  plan.add(&d_xz_, T * 2 * D * act);
+  plan.add(&d_u_, T * D * act);
+  plan.add(&d_xdbl_, T * xdbl_cols * act);
+  if (c.has_mixer_norm()) plan.add(&d_xdbl_raw_, T * xdbl_cols * act);
+  plan.add(&d_dt_, T * D * act);
+  plan.add(&d_y_, T * D * act);
+  if (shape.context_ranks > 1) {
+    plan.add(&context_final_, carried_state);
+    plan.add(&context_d_initial_, carried_state);
+    plan.add(&context_d_history_, carried_history);
+  }
+  const size_t activation_bytes = plan.bytes();
+  std::vector<std::array<int64_t, 2>> weight_shapes;
+  for (Projection p : kProjections) weight_shapes.push_back(projection_shape(c, p));
+  plan.add(&linear_workspace_, backend.linear_workspace_bytes(weight_shapes, T, lora.rank, lora.dropout > 0));
+  plan.add(&scan_workspace_, backend.scan_workspace_bytes(scan));
+  const int64_t slice = std::min(shape.loss_slice_rows, T);
+  plan.add(&logits_workspace_, backend.cross_entropy_workspace_bytes(T, slice, c.vocab_size));
+  return {activation_bytes, plan.bytes() - activation_bytes};
+}
+
+bool TrainStepBuffers::residual_is_checkpoint(int64_t i, int64_t n_layer, int64_t checkpoint_every) {
+  return i % checkpoint_every == 0 || i == n_layer;
+}
+
+void TrainStepBuffers::share_segment_residuals(int64_t checkpoint_every) {
+  const auto n_layer = static_cast<int64_t>(residual_.size()) - 1;
+  for (int64_t i = 0; i < n_layer; ++i)
+    if (!residual_is_checkpoint(i, n_layer, checkpoint_every))
+      residual_[i] = segment_residuals_[static_cast<size_t>(i % checkpoint_every - 1)];
+}
+
 TrainStep::TrainStep(Backend& backend, const MambaWeights& weights, LoraAdapters& adapters,
-                     const StepShape& shape)
+                     const StepShape& shape, Communicator* base_weight_comm, ContextExchange* context)
     : backend_(backend),
       weights_(weights),
       adapters_(adapters),
       shape_(shape),
       rows_(shape.batch * shape.seq_len),
-      arena_(backend, "activations and workspaces") {
-  const MambaConfig& c = weights.config();
-  if (shape.batch <= 0 || shape.seq_len <= 0) fail("batch size and sequence length must be positive");
-  if (shape.scan_chunk <= 0) fail("memory.scan_chunk must be positive, got {}", shape.scan_chunk);
-  if (shape.loss_slice_rows <= 0) fail("memory.loss_slice must be positive, got {}", shape.loss_slice_rows);
-  const size_t act = dtype_size(backend.act_dtype()), master = dtype_size(backend.master_dtype());
-  const int64_t T = rows_, D = c.d_inner, xdbl_cols = c.dt_rank + 2 * c.d_state;
-  const ScanShape scan{shape.batch, shape.seq_len, D, c.d_state, shape.scan_chunk};
-
-  residual_.resize(static_cast<size_t>(c.n_layer + 1));
-  for (void*& r : residual_) arena_.add(&r, T * c.d_model * master);
-  layer_acts_.resize(shape.recompute ? 1 : static_cast<size_t>(c.n_layer));
-  for (LayerActivations& a : layer_acts_) {
-    arena_.add(&a.hn, T * c.d_model * act);
-    arena_.add(&a.rstd, T * master);
-    arena_.add(&a.xz, T * 2 * D * act);
-    arena_.add(&a.u, T * D * act);
-    arena_.add(&a.xdbl, T * xdbl_cols * act);
-    if (c.has_mixer_norm()) {
-      arena_.add(&a.xdbl_raw, T * xdbl_cols * act);
-      arena_.add(&a.mixer_rstd, 3 * T * master);
-    }
-    arena_.add(&a.dt, T * D * act);
-    arena_.add(&a.y, T * D * act);
-    arena_.add(&a.states, scan.batch * scan.num_chunks() * D * c.d_state * master);
-    for (Projection p : kProjections)
-      if (adapters.config().targets_projection(p))
-        arena_.add(&a.lora_h[static_cast<size_t>(p)], T * adapters.config().rank * act);
-  }
-  arena_.add(&mixer_out_, T * c.d_model * act);
-  arena_.add(&final_normed_, T * c.d_model * act);
-  arena_.add(&final_rstd_, T * master);
-  arena_.add(&inputs_, T * sizeof(int32_t));
-  arena_.add(&targets_, T * sizeof(int32_t));
-  arena_.add(&loss_weights_, T * act);
-  arena_.add(&d_residual_, T * c.d_model * master);
-  arena_.add(&d_act_model_, T * c.d_model * act);
-  arena_.add(&d_xz_, T * 2 * D * act);
-  arena_.add(&d_u_, T * D * act);
-  arena_.add(&d_xdbl_, T * xdbl_cols * act);
-  if (c.has_mixer_norm()) arena_.add(&d_xdbl_raw_, T * xdbl_cols * act);
-  arena_.add(&d_dt_, T * D * act);
-  arena_.add(&d_y_, T * D * act);
-  std::vector<std::array<int64_t, 2>> weight_shapes;
-  for (Projection p : kProjections) weight_shapes.push_back(projection_shape(c, p));
-  arena_.add(&linear_workspace_, backend.linear_workspace_bytes(weight_shapes, T, adapters.config().rank));
-  arena_.add(&scan_workspace_, backend.scan_workspace_bytes(scan));
-  const int64_t slice = std::min(shape.loss_slice_rows, T);
-  arena_.add(&logits_workspace_, backend.cross_entropy_workspace_bytes(T, slice, c.vocab_size));
+      arena_(backend, "activations and workspaces"),
+      base_(backend, weights, base_weight_comm),
+      context_(context) {
+  if ((shape.context_ranks > 1) != (context != nullptr) || (context && context->size() != shape.context_ranks))
+    fail("a step split over {} context ranks needs the exchange with as many", shape.context_ranks);
+  declare(arena_, backend, weights.config(), adapters.config(), shape);
   arena_.allocate();
+  share_segment_residuals(shape.checkpoint_every);
 
-  host_inputs_.resize(static_cast<size_t>(T));
-  host_targets_.resize(static_cast<size_t>(T));
-  host_weights_.resize(static_cast<size_t>(T));
-  host_weights_encoded_.resize(T * act);
+  host_inputs_.resize(static_cast<size_t>(rows_));
+  host_targets_.resize(static_cast<size_t>(rows_));
+  host_weights_.resize(static_cast<size_t>(rows_));
+  host_weights_encoded_.resize(rows_ * dtype_size(backend.act_dtype()));
+}
+
+StepPlanBytes TrainStep::planned_bytes(const BackendSizes& backend, const MambaConfig& model, const LoraConfig& lora,
+                                       const StepShape& shape) {
+  PlanSize plan;
+  TrainStepBuffers unallocated;
+  return unallocated.declare(plan, backend, model, lora, shape);
+}
+
+int64_t TrainStep::regenerated_layer_forwards(int64_t n_layer, int64_t checkpoint_every) {
+  check_checkpoint_every(checkpoint_every);
+  // Every segment below the last, each of checkpoint_every layers, runs all but its last layer once more.
+  const int64_t last_segment_first = (n_layer - 1) / checkpoint_every * checkpoint_every;
+  return last_segment_first - last_segment_first / checkpoint_every;
 }
 
 void* TrainStep::act_at(void* base, int64_t elements) const {
@@ -93,19 +177,26 @@ std::array<std::array<int64_t, 2>, 3> TrainStep::mixer_norm_segments() const {
   return {{{0, c.dt_rank}, {c.dt_rank, c.d_state}, {c.dt_rank + c.d_state, c.d_state}}};
 }
 
+std::pair<void*, int64_t> TrainStep::dt_proj_input(const LayerActivations& a) const {
+  const MambaConfig& c = weights_.config();
+  if (a.dt_in) return {a.dt_in, dt_in_cols_};
+  return {a.xdbl, c.dt_rank + 2 * c.d_state};
+}
+
 TrainStep::LayerActivations& TrainStep::activations(int64_t layer) {
   return layer_acts_[shape_.recompute ? 0 : static_cast<size_t>(layer)];
 }
 
 LinearOp TrainStep::linear(int64_t layer, Projection p, LoraPath& storage, uint64_t seed, uint64_t stream) const {
   LinearOp op;
-  op.base = &weights_.layer(layer).proj[static_cast<size_t>(p)];
+  op.base = &base_.layer(layer).proj[static_cast<size_t>(p)];
   // Each (micro-batch, layer, projection) draws its own dropout mask.
   const uint64_t dropout_stream = (stream * weights_.config().n_layer + layer) * 4 + static_cast<uint64_t>(p);
   if (auto path = adapters_.path(layer, p, seed, dropout_stream)) {
     storage = *path;
     if (!dropout_enabled_) storage.dropout = 0;
     op.lora = &storage;
+    op.h_in_x_columns = p != Projection::x_proj;  // hn, dt_in and y have its columns (declare())
   }
   return op;
 }
@@ -121,9 +212,30 @@ void TrainStep::upload_inputs(const uint32_t* tokens, int64_t row_stride) {
   backend_.copy_from_host(inputs_, host_inputs_.data(), host_inputs_.size() * sizeof(int32_t));
 }
 
-void TrainStep::upload_batch(const uint32_t* tokens, const uint8_t* target_mask) {
+void TrainStep::upload_doc_start(const int32_t* doc_start) {
+  const int64_t L = shape_.seq_len;
+  // A slice after the first continues its rows' documents from the previous slice (doc_start < 0 at its
+  // first token) unless one starts right there: its doc_start always goes to the ops.
+  const bool continues = context_ && !context_->first();
+  bool boundaries = continues && doc_start;
+  for (int64_t b = 0; doc_start && b < shape_.batch; ++b)
+    for (int64_t t = 0; t < L; ++t) {
+      // A token starts a document (its own position) or continues the previous token's.
+      const int32_t start = doc_start[b * L + t];
+      if (start != t && (t == 0 ? !(continues && start < 0) : start != doc_start[b * L + t - 1]))
+        fail("doc_start of sequence {} position {} is {}: expected {} (a document starts there){}", b, t, start, t,
+             t == 0 ? "" : fmt::format(" or {} (the previous token's document)", doc_start[b * L + t - 1]));
+      boundaries = boundaries || start != 0;
+    }
+  // Rows without a document start after their first token are plain sequences: the ops' plain path.
+  if (boundaries) backend_.copy_from_host(doc_start_, doc_start, static_cast<size_t>(rows_) * sizeof(int32_t));
+  boundaries_ = boundaries ? doc_start_ : nullptr;
+}
+
+void TrainStep::upload_batch(const uint32_t* tokens, const uint8_t* target_mask, const int32_t* doc_start) {
   const int64_t L = shape_.seq_len, vocab = weights_.config().vocab_size;
   upload_inputs(tokens, L + 1);
+  upload_doc_start(doc_start);
   for (int64_t b = 0; b < shape_.batch; ++b)
     for (int64_t t = 0; t < L; ++t) {
       const uint32_t target = tokens[b * (L + 1) + t + 1];
@@ -139,7 +251,7 @@ void TrainStep::upload_batch(const uint32_t* tokens, const uint8_t* target_mask)
 void TrainStep::layer_forward(int64_t i, LayerActivations& a, bool add_previous_mixer, uint64_t seed,
                               uint64_t stream) {
   const MambaConfig& c = weights_.config();
-  const MambaLayerWeights& w = weights_.layer(i);
+  const MambaLayerWeights& w = base_.layer(i);
   const int64_t T = rows_, D = c.d_inner, R = c.dt_rank, N = c.d_state, xdbl_cols = R + 2 * N;
   const ScanShape scan{shape_.batch, shape_.seq_len, D, N, shape_.scan_chunk};
   LoraPath lora;
@@ -147,15 +259,16 @@ void TrainStep::layer_forward(int64_t i, LayerActivations& a, bool add_previous_
 
   // residual i = residual i-1 + mixer output of layer i-1, fused with this layer's norm.
   if (add_previous_mixer)
-    backend_.rmsnorm_forward(residual_[i - 1], mixer_out_, residual_[i], w.norm_weight, a.hn, a.rstd, T, c.d_model,
-                             c.layer_norm_epsilon);
+    backend_.rmsnorm_forward(residual_[i - 1], mixer_out_, residual_[i], w.norm_weight, a.hn, hn_cols_, a.rstd, T,
+                             c.d_model, c.layer_norm_epsilon);
   else
-    backend_.rmsnorm_forward(residual_[i], nullptr, nullptr, w.norm_weight, a.hn, a.rstd, T, c.d_model,
+    backend_.rmsnorm_forward(residual_[i], nullptr, nullptr, w.norm_weight, a.hn, hn_cols_, a.rstd, T, c.d_model,
                              c.layer_norm_epsilon);
-  backend_.linear_forward(linear(i, Projection::in_proj, lora, seed, stream), a.hn, c.d_model, T, a.xz, 2 * D,
+  backend_.linear_forward(linear(i, Projection::in_proj, lora, seed, stream), a.hn, hn_cols_, T, a.xz, 2 * D,
                           h(Projection::in_proj), linear_workspace_);
+  const void* history = context_ ? context_->conv_history(a.xz, 2 * D, a.conv_history) : nullptr;
   backend_.conv1d_silu_forward(a.xz, 2 * D, w.conv_weight, w.conv_bias, a.u, shape_.batch, shape_.seq_len, D,
-                               c.conv_kernel);
+                               c.conv_kernel, boundaries_, history);
   // falcon-mamba normalises dt_r, B and C, each over its own width, between x_proj and their uses.
   const bool mixer_norm = c.has_mixer_norm();
   backend_.linear_forward(linear(i, Projection::x_proj, lora, seed, stream), a.u, D, T,
@@ -166,11 +279,23 @@ void TrainStep::layer_forward(int64_t i, LayerActivations& a, bool add_previous_
       backend_.weightless_rmsnorm_forward(act_at(a.xdbl_raw, column), xdbl_cols, act_at(a.xdbl, column), xdbl_cols,
                                           master_at(a.mixer_rstd, k++ * T), T, width, c.mixer_rms_eps);
   }
-  backend_.linear_forward(linear(i, Projection::dt_proj, lora, seed, stream), a.xdbl, xdbl_cols, T, a.dt, D,
+  const auto [dt_input, dt_input_cols] = dt_proj_input(a);
+  if (a.dt_in) {  // dt_r into rows with room for dt_proj's h: a narrow [T, R] copy
+    const size_t act = dtype_size(backend_.act_dtype());
+    backend_.copy_rows(a.dt_in, dt_in_cols_ * act, a.xdbl, xdbl_cols * act, R * act, T);
+  }
+  backend_.linear_forward(linear(i, Projection::dt_proj, lora, seed, stream), dt_input, dt_input_cols, T, a.dt, D,
                           h(Projection::dt_proj), linear_workspace_);
+  const void* initial_state = nullptr;
+  if (context_) {  // this slice from a zero state, then the state the slices before it hand over
+    backend_.selective_scan_final_state(scan, a.u, a.dt, w.dt_bias, w.A, act_at(a.xdbl, R), xdbl_cols, boundaries_,
+                                        context_final_, a.scan_decay, scan_workspace_);
+    initial_state = context_->scan_initial_state(context_final_, a.scan_decay, a.scan_initial);
+  }
   backend_.selective_scan_forward(scan, a.u, a.dt, w.dt_bias, w.A, act_at(a.xdbl, R), act_at(a.xdbl, R + N),
-                                  xdbl_cols, w.D, act_at(a.xz, D), 2 * D, a.y, a.states, scan_workspace_);
-  backend_.linear_forward(linear(i, Projection::out_proj, lora, seed, stream), a.y, D, T, mixer_out_, c.d_model,
+                                  xdbl_cols, w.D, act_at(a.xz, D), 2 * D, a.y, y_cols_, a.states, scan_workspace_,
+                                  boundaries_, initial_state);
+  backend_.linear_forward(linear(i, Projection::out_proj, lora, seed, stream), a.y, y_cols_, T, mixer_out_, c.d_model,
                           h(Projection::out_proj), linear_workspace_);
 }
 
@@ -178,18 +303,31 @@ void TrainStep::layer_forward(int64_t i, LayerActivations& a, bool add_previous_
 // same in act precision (the gradient of this layer's mixer output); on exit both hold d(residual i).
 void TrainStep::layer_backward(int64_t i, LayerActivations& a, uint64_t seed, uint64_t stream) {
   const MambaConfig& c = weights_.config();
-  const MambaLayerWeights& w = weights_.layer(i);
+  const MambaLayerWeights& w = base_.layer(i);
   const int64_t T = rows_, D = c.d_inner, R = c.dt_rank, N = c.d_state, xdbl_cols = R + 2 * N;
   const ScanShape scan{shape_.batch, shape_.seq_len, D, N, shape_.scan_chunk};
   LoraPath lora;
   auto h = [&](Projection p) { return a.lora_h[static_cast<size_t>(p)]; };
 
-  backend_.linear_backward(linear(i, Projection::out_proj, lora, seed, stream), a.y, D, T, d_act_model_,
+  backend_.linear_backward(linear(i, Projection::out_proj, lora, seed, stream), a.y, y_cols_, T, d_act_model_,
                            c.d_model, h(Projection::out_proj), d_y_, D, false, linear_workspace_);
+  // What crossed into this slice in the forward, and the scan state's gradient from the slices after it.
+  const bool carried_in = context_ && !context_->first();
+  const void* history = carried_in ? a.conv_history : nullptr;
+  const void* initial_state = carried_in ? a.scan_initial : nullptr;
+  const void* d_final_state = nullptr;
+  if (context_) {
+    backend_.selective_scan_initial_state_grad(scan, a.dt, w.dt_bias, w.A, act_at(a.xdbl, R + N), xdbl_cols,
+                                               act_at(a.xz, D), 2 * D, d_y_, boundaries_, context_d_initial_,
+                                               scan_workspace_);
+    d_final_state = context_->scan_final_state_grad(context_d_initial_, a.scan_decay);
+  }
   backend_.selective_scan_backward(scan, a.u, a.dt, w.dt_bias, w.A, act_at(a.xdbl, R), act_at(a.xdbl, R + N),
                                    xdbl_cols, w.D, act_at(a.xz, D), 2 * D, a.states, d_y_, d_u_, d_dt_,
-                                   act_at(d_xdbl_, R), act_at(d_xdbl_, R + N), act_at(d_xz_, D), scan_workspace_);
-  backend_.linear_backward(linear(i, Projection::dt_proj, lora, seed, stream), a.xdbl, xdbl_cols, T, d_dt_, D,
+                                   act_at(d_xdbl_, R), act_at(d_xdbl_, R + N), act_at(d_xz_, D), scan_workspace_,
+                                   boundaries_, initial_state, d_final_state, nullptr);
+  const auto [dt_input, dt_input_cols] = dt_proj_input(a);
+  backend_.linear_backward(linear(i, Projection::dt_proj, lora, seed, stream), dt_input, dt_input_cols, T, d_dt_, D,
                            h(Projection::dt_proj), d_xdbl_, xdbl_cols, false, linear_workspace_);
   // With the mixer norm, d_xdbl_ holds the gradients of the normed dt_r, B and C; x_proj's come through it.
   const bool mixer_norm = c.has_mixer_norm();
@@ -203,9 +341,15 @@ void TrainStep::layer_backward(int64_t i, LayerActivations& a, uint64_t seed, ui
   backend_.linear_backward(linear(i, Projection::x_proj, lora, seed, stream), a.u, D, T,
                            mixer_norm ? d_xdbl_raw_ : d_xdbl_, xdbl_cols, h(Projection::x_proj), d_u_, D, true,
                            linear_workspace_);
+  const void* d_tail = nullptr;  // the next slice's gradient w.r.t. this slice's last conv inputs
+  if (context_) {
+    backend_.conv1d_silu_history_grad(a.xz, 2 * D, w.conv_weight, w.conv_bias, d_u_, shape_.batch, shape_.seq_len, D,
+                                      c.conv_kernel, boundaries_, history, context_d_history_);
+    d_tail = context_->conv_tail_gradient(context_d_history_);
+  }
   backend_.conv1d_silu_backward(a.xz, 2 * D, w.conv_weight, w.conv_bias, d_u_, d_xz_, 2 * D, shape_.batch,
-                                shape_.seq_len, D, c.conv_kernel);
-  backend_.linear_backward(linear(i, Projection::in_proj, lora, seed, stream), a.hn, c.d_model, T, d_xz_, 2 * D,
+                                shape_.seq_len, D, c.conv_kernel, boundaries_, history, d_tail);
+  backend_.linear_backward(linear(i, Projection::in_proj, lora, seed, stream), a.hn, hn_cols_, T, d_xz_, 2 * D,
                            h(Projection::in_proj), d_act_model_, c.d_model, false, linear_workspace_);
   backend_.rmsnorm_backward(residual_[i], w.norm_weight, a.rstd, d_act_model_, d_residual_, i > 0 ? d_act_model_ : nullptr,
                             T, c.d_model);
@@ -214,15 +358,52 @@ void TrainStep::layer_backward(int64_t i, LayerActivations& a, uint64_t seed, ui
 void TrainStep::forward_layers(uint64_t seed, uint64_t stream) {
   const MambaConfig& c = weights_.config();
   backend_.embedding_forward(inputs_, rows_, weights_.embedding(), c.d_model, residual_[0]);
-  for (int64_t i = 0; i < c.n_layer; ++i) layer_forward(i, activations(i), i > 0, seed, stream);
+  for (int64_t i = 0; i < c.n_layer; ++i) {
+    base_.acquire(i, i + 1 < c.n_layer ? i + 1 : -1);
+    layer_forward(i, activations(i), i > 0, seed, stream);
+  }
+  base_.complete();
   backend_.rmsnorm_forward(residual_[c.n_layer - 1], mixer_out_, residual_[c.n_layer], weights_.norm_f(),
-                           final_normed_, final_rstd_, rows_, c.d_model, c.layer_norm_epsilon);
+                           final_normed_, c.d_model, final_rstd_, rows_, c.d_model, c.layer_norm_epsilon);
+}
+
+// forward_layers read backwards, one segment of layers [first, top) at a time from the last: segments of
+// checkpoint_every layers from layer 0 (one layer each when k = 1). A segment's inputs above its first
+// are gone (their buffers serve every segment), so its forward runs again from its checkpoint, residual
+// first, regenerating them; that forward of its last layer leaves the activations its backward reads,
+// and each layer below re-runs its own forward from its regenerated input (layer recomputation). The last
+// segment's inputs are still in place after forward_layers: there only the layer recomputation runs.
+// Base weights are acquired in that order, each acquire naming the layer acquired after it.
+void TrainStep::backward_layers(uint64_t seed, uint64_t stream, const LayerBackwardDone& on_layer_backward_done) {
+  const int64_t n_layer = weights_.config().n_layer, k = shape_.checkpoint_every;
+  for (int64_t top = n_layer; top > 0;) {
+    const int64_t first = (top - 1) / k * k;
+    const int64_t next_segment = first > 0 ? (first - 1) / k * k : -1;  // the first layer it acquires
+    // Up from the segment's checkpoint, or only its last layer where its inputs are in place (the last
+    // segment, and every segment of one layer). Without recompute (then k = 1) this only acquires the layer.
+    const int64_t forward_from = shape_.recompute && top < n_layer ? first : top - 1;
+    for (int64_t j = forward_from; j < top; ++j) {
+      base_.acquire(j, j + 1 < top ? j + 1 : (top - 2 >= first ? top - 2 : next_segment));
+      if (shape_.recompute) layer_forward(j, activations(j), j > forward_from, seed, stream);
+    }
+    for (int64_t i = top - 1; i >= first; --i) {
+      if (i < top - 1) {  // a layer below the segment's last, which only k > 1 (with recompute) has
+        base_.acquire(i, i > first ? i - 1 : next_segment);
+        layer_forward(i, activations(i), false, seed, stream);
+      }
+      layer_backward(i, activations(i), seed, stream);
+      if (on_layer_backward_done) on_layer_backward_done(i);
+    }
+    top = first;
+  }
+  base_.complete();
 }
 
 double TrainStep::forward_backward(const uint32_t* tokens, const uint8_t* target_mask, double grad_scale,
-                                   uint64_t seed, uint64_t stream, const LayerBackwardDone& on_layer_backward_done) {
+                                   uint64_t seed, uint64_t stream, const int32_t* doc_start,
+                                   const LayerBackwardDone& on_layer_backward_done) {
   const MambaConfig& c = weights_.config();
-  upload_batch(tokens, target_mask);
+  upload_batch(tokens, target_mask, doc_start);
   dropout_enabled_ = true;
   forward_layers(seed, stream);
   // The loss and its gradient come together, slice by slice; d_act_model_ receives d(final normed).
@@ -232,19 +413,17 @@ double TrainStep::forward_backward(const uint32_t* tokens, const uint8_t* target
   backend_.fill_zero(d_residual_, rows_ * c.d_model * dtype_size(backend_.master_dtype()));
   backend_.rmsnorm_backward(residual_[c.n_layer], weights_.norm_f(), final_rstd_, d_act_model_, d_residual_,
                             d_act_model_, rows_, c.d_model);
-  for (int64_t i = c.n_layer - 1; i >= 0; --i) {
-    if (shape_.recompute) layer_forward(i, activations(i), false, seed, stream);
-    layer_backward(i, activations(i), seed, stream);
-    if (on_layer_backward_done) on_layer_backward_done(i);
-  }
+  backward_layers(seed, stream, on_layer_backward_done);
+  if (context_) context_->wait();
   return loss;
 }
 
-double TrainStep::forward_loss(const uint32_t* tokens, const uint8_t* target_mask) {
+double TrainStep::forward_loss(const uint32_t* tokens, const uint8_t* target_mask, const int32_t* doc_start) {
   const MambaConfig& c = weights_.config();
-  upload_batch(tokens, target_mask);
+  upload_batch(tokens, target_mask, doc_start);
   dropout_enabled_ = false;
   forward_layers(0, 0);
+  if (context_) context_->wait();
   return backend_.cross_entropy(final_normed_, weights_.lm_head(), rows_, c.d_model, c.vocab_size, targets_,
                                 loss_weights_, 0.0, nullptr, logits_workspace_, std::min(shape_.loss_slice_rows, rows_));
 }
@@ -252,6 +431,7 @@ double TrainStep::forward_loss(const uint32_t* tokens, const uint8_t* target_mas
 std::vector<double> TrainStep::forward_logits(const uint32_t* tokens) {
   const MambaConfig& c = weights_.config();
   upload_inputs(tokens, shape_.seq_len);
+  upload_doc_start(nullptr);
   dropout_enabled_ = false;
   forward_layers(0, 0);
   const DType act = backend_.act_dtype();

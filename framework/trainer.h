@@ -23,6 +23,7 @@ struct TrainingSummary {
   int64_t last_step = 0;
   double first_loss = 0, last_loss = 0;
   double tokens_per_second = 0;  // over the whole run
+  size_t peak_memory_bytes = 0;  // the most this rank's memory plans took (Backend::peak_allocated_bytes)
 };
 
 TrainingSummary run_training(const RecipeConfig& recipe, const ProcessGroup& group);

@@ -1,4 +1,4 @@
-// The ssmtune command: train, init, quantize, export and demo-data. Every error a user can cause ends
+// The ssmtune command: train, init, quantize, export, generate, prepare and demo-data. Every error a user can cause ends
 // here as one line naming the file, key or tensor, and a non-zero exit.
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
@@ -12,10 +12,17 @@
 #include "framework/mamba_model.h"
 #include "framework/merged_export.h"
 #include "framework/peft_export.h"
+#include "framework/progress.h"
 #include "framework/quantize_model.h"
 #include "framework/recipe_config.h"
 #include "framework/trainer.h"
 #include "framework/model_sizes.h"
+#include "recipes/generate_command.h"
+#include "recipes/info_command.h"
+#include "recipes/plot_command.h"
+#ifdef SSMTUNE_WITH_TOKENIZER
+#include "recipes/prepare_command.h"
+#endif
 
 namespace {
 
@@ -42,7 +49,7 @@ void export_checkpoint(const std::string& checkpoint, const std::string& format,
   if (format == "peft") {
     if (!merged_only_options.empty())
       fail("{} only applies to --format merged", fmt::join(merged_only_options, ", "));
-    for (const std::string& warning : export_peft_adapter(checkpoint, out)) fmt::print(stderr, "warning: {}\n", warning);
+    for (const std::string& warning : export_peft_adapter(checkpoint, out)) print_warning(warning);
     fmt::print("wrote a PEFT adapter to {}\n", out);
     return;
   }
@@ -92,6 +99,25 @@ int main(int argc, char** argv) {
   CLI::Option* shard_opt =
       export_cmd->add_option("--max-shard-size", max_shard_size, "merged: largest safetensors file (default 5GB)");
 
+  GenerateOptions generate_options;
+  CLI::App* generate_cmd = app.add_subcommand("generate", "continue a prompt with the base model and its adapters");
+  add_generate_options(*generate_cmd, generate_options);
+
+#ifdef SSMTUNE_WITH_TOKENIZER
+  PrepareCommandOptions prepare_options;
+  CLI::App* prepare_cmd = app.add_subcommand("prepare", "tokenize a JSONL file into HDF5 training (and validation) sets");
+  add_prepare_options(*prepare_cmd, prepare_options);
+#endif
+
+  PlotOptions plot_options;
+  CLI::App* plot_cmd = app.add_subcommand("plot", "draw <output_dir>/metrics.svg from the run's metrics.jsonl");
+  add_plot_options(*plot_cmd, plot_options);
+
+  InfoOptions info_options;
+  CLI::App* info_cmd =
+      app.add_subcommand("info", "parameters, memory per GPU and FLOPs per token of a recipe, before any GPU is used");
+  add_info_options(*info_cmd, info_options);
+
   CLI::App* demo_cmd = app.add_subcommand("demo-data", "write the synthetic demo data set (HDF5)");
   demo_cmd->add_option("--out", out, "output .h5 file")->required();
   demo_cmd->add_option("--seed", seed, "random seed");
@@ -106,6 +132,9 @@ int main(int argc, char** argv) {
   try {
     if (*train_cmd) return train(config, overrides, group);
     if (!group.is_root()) return 0;  // the other commands are single-process
+#ifdef SSMTUNE_WITH_TOKENIZER
+    if (*prepare_cmd) run_prepare(prepare_options);
+#endif
     if (*init_cmd) {
       write_random_mamba(out, model_size(size), seed);
       fmt::print("wrote a random {} model to {}\n", size, out);
@@ -118,6 +147,12 @@ int main(int argc, char** argv) {
         if (option->count() > 0) merged_only.push_back(option->get_name());
       const MergedExportOptions merged{model, merged_dtype(dtype), parse_byte_size(max_shard_size, "--max-shard-size")};
       export_checkpoint(checkpoint, format, out, merged, merged_only);
+    } else if (*generate_cmd) {
+      run_generate(generate_options);
+    } else if (*plot_cmd) {
+      run_plot(plot_options);
+    } else if (*info_cmd) {
+      run_info(info_options);
     } else if (*demo_cmd) {
       if (std::filesystem::path(out).has_parent_path()) std::filesystem::create_directories(std::filesystem::path(out).parent_path());
       write_token_dataset(out, make_demo_dataset(seed, documents));

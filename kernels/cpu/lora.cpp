@@ -31,24 +31,24 @@ DroppedInput<T> dropped(const T* x, int64_t ldx, int64_t in, const LoraDropout& 
 
 template <typename T>
 void lora_forward(const LoraDims& d, const T* x, int64_t ldx, const T* A, const T* B, T scale,
-                  const LoraDropout& dropout, T* h, T* y, int64_t ldy) {
+                  const LoraDropout& dropout, T* h, int64_t ldh, T* y, int64_t ldy) {
   const DroppedInput<T> xd = dropped(x, ldx, d.in, dropout);
 #pragma omp parallel for schedule(static)
   for (int64_t t = 0; t < d.rows; ++t)
     for (int64_t j = 0; j < d.rank; ++j) {
       T acc = T(0);
       for (int64_t i = 0; i < d.in; ++i) acc += A[j * d.in + i] * xd(t, i);
-      h[t * d.rank + j] = acc;
+      h[t * ldh + j] = acc;
     }
-  gemm<T>(false, true, d.rows, d.out, d.rank, scale, h, d.rank, B, d.rank, T(1), y, ldy);
+  gemm<T>(false, true, d.rows, d.out, d.rank, scale, h, ldh, B, d.rank, T(1), y, ldy);
 }
 
 template <typename T>
 void lora_backward(const LoraDims& d, const T* x, int64_t ldx, const T* A, const T* B, T scale,
-                   const LoraDropout& dropout, const T* h, const T* dy, int64_t ldy, T* dA, T* dB, T* dx,
+                   const LoraDropout& dropout, const T* h, int64_t ldh, const T* dy, int64_t ldy, T* dA, T* dB, T* dx,
                    int64_t lddx, T* dh) {
   const DroppedInput<T> xd = dropped(x, ldx, d.in, dropout);
-  gemm<T>(true, false, d.out, d.rank, d.rows, scale, dy, ldy, h, d.rank, T(1), dB, d.rank);
+  gemm<T>(true, false, d.out, d.rank, d.rows, scale, dy, ldy, h, ldh, T(1), dB, d.rank);
   gemm<T>(false, false, d.rows, d.rank, d.out, scale, dy, ldy, B, d.rank, T(0), dh, d.rank);
 #pragma omp parallel for schedule(static)
   for (int64_t j = 0; j < d.rank; ++j)
@@ -68,9 +68,9 @@ void lora_backward(const LoraDims& d, const T* x, int64_t ldx, const T* A, const
 
 #define SSMTUNE_INSTANTIATE_LORA(T)                                                                      \
   template void lora_forward<T>(const LoraDims&, const T*, int64_t, const T*, const T*, T, const LoraDropout&, \
-                                T*, T*, int64_t);                                                        \
+                                T*, int64_t, T*, int64_t);                                               \
   template void lora_backward<T>(const LoraDims&, const T*, int64_t, const T*, const T*, T,              \
-                                 const LoraDropout&, const T*, const T*, int64_t, T*, T*, T*, int64_t, T*);
+                                 const LoraDropout&, const T*, int64_t, const T*, int64_t, T*, T*, T*, int64_t, T*);
 SSMTUNE_INSTANTIATE_LORA(float)
 SSMTUNE_INSTANTIATE_LORA(double)
 

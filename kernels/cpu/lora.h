@@ -20,14 +20,15 @@ struct LoraDropout {
   uint64_t seed = 0, stream = 0;
 };
 
+// h has row stride ldh (>= rank): it may be columns of x's own rows (framework/backend.h, h_in_x_columns).
 template <typename T>
 void lora_forward(const LoraDims& d, const T* x, int64_t ldx, const T* A, const T* B, T scale,
-                  const LoraDropout& dropout, T* h, T* y, int64_t ldy);
+                  const LoraDropout& dropout, T* h, int64_t ldh, T* y, int64_t ldy);
 
 // dh_workspace: rows*rank elements.
 template <typename T>
 void lora_backward(const LoraDims& d, const T* x, int64_t ldx, const T* A, const T* B, T scale,
-                   const LoraDropout& dropout, const T* h, const T* dy, int64_t ldy, T* dA, T* dB, T* dx,
+                   const LoraDropout& dropout, const T* h, int64_t ldh, const T* dy, int64_t ldy, T* dA, T* dB, T* dx,
                    int64_t lddx, T* dh_workspace);
 
 }  // namespace ssmtune::cpu

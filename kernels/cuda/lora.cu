@@ -57,6 +57,17 @@ __global__ void to_bf16_kernel(const float* __restrict__ src, int64_t n, __nv_bf
     dst[i] = __float2bfloat16_rn(src[i]);
 }
 
+// dst[o, j] (row stride ld) = bf16(scale * B[o, j]) for B [out, rank].
+__global__ void scaled_to_bf16_rows_kernel(const float* __restrict__ B, int64_t out, int64_t rank, float scale,
+                                           __nv_bfloat16* __restrict__ dst, int64_t ld) {
+  const int64_t n = out * rank;
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < n;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t o = idx / rank, j = idx - o * rank;
+    dst[o * ld + j] = __float2bfloat16_rn(scale * B[idx]);
+  }
+}
+
 // xd[t, i] (dense) = x[t, i] * factor(t*in + i): the flat index of the dense output is the mask's index.
 __global__ void dropout_kernel(const __nv_bfloat16* __restrict__ x, int64_t ldx, int64_t rows, int64_t in,
                                cpu::LoraDropout dropout, float keep_scale, __nv_bfloat16* __restrict__ xd) {
@@ -92,6 +103,12 @@ void validate(const char* op, const cpu::LoraDims& d, int64_t ldx, int64_t ldy, 
                                 ", out=" + std::to_string(d.out) + ")");
   if (!(dropout.p >= 0 && dropout.p < 1))
     throw std::invalid_argument(std::string(op) + ": dropout must lie in [0, 1), got " + std::to_string(dropout.p));
+}
+
+void check_h_stride(const char* op, const cpu::LoraDims& d, int64_t ldh) {
+  if (ldh < d.rank)
+    throw std::invalid_argument(std::string(op) + ": h row stride " + std::to_string(ldh) + " below rank " +
+                                std::to_string(d.rank));
 }
 
 struct Bf16Adapters {
@@ -132,25 +149,56 @@ Operand dropped_input(const cpu::LoraDims& d, const uint16_t* x, int64_t ldx, co
 
 }  // namespace
 
-size_t lora_workspace_bytes(const cpu::LoraDims& d) { return lora_layout(d).bytes; }
+// Without dropout nothing touches `input`, the layout's last piece: the workspace may end where it begins.
+size_t lora_workspace_bytes(const cpu::LoraDims& d, bool dropout) {
+  const LoraLayout layout = lora_layout(d);
+  return dropout ? layout.bytes : layout.input;
+}
 
-void lora_forward(Gemm& gemm, const cpu::LoraDims& d, const uint16_t* x, int64_t ldx, const float* A, const float* B,
-                  float scale, const cpu::LoraDropout& dropout, uint16_t* h, uint16_t* y, int64_t ldy,
-                  void* workspace) {
-  validate("lora_forward", d, ldx, ldy, dropout);
+void lora_down_projection(Gemm& gemm, const cpu::LoraDims& d, const uint16_t* x, int64_t ldx, const float* A,
+                          const cpu::LoraDropout& dropout, uint16_t* h, int64_t ldh, void* workspace) {
+  validate("lora_down_projection", d, ldx, d.out, dropout);
+  check_h_stride("lora_down_projection", d, ldh);
   if (d.rows == 0) return;
   const auto stream = static_cast<cudaStream_t>(gemm.stream());
   const LoraLayout layout = lora_layout(d);
-  const Bf16Adapters adapters = adapters_to_bf16(d, A, B, workspace, layout, stream, "lora_forward to bf16 launch");
-  const Operand xd = dropped_input(d, x, ldx, dropout, workspace, layout, stream, "lora_forward dropout launch");
-  gemm.run(false, true, d.rows, d.rank, d.in, 1.0f, xd.data, xd.ld, adapters.A, d.in, 0.0f, h, GemmOut::bf16, d.rank);
-  gemm.run(false, true, d.rows, d.out, d.rank, scale, h, d.rank, adapters.B, d.rank, 1.0f, y, GemmOut::bf16, ldy);
+  uint16_t* A16 = at<uint16_t>(workspace, layout.A);
+  to_bf16_kernel<<<blocks_for(d.rank * d.in), kThreads, 0, stream>>>(A, d.rank * d.in,
+                                                                     reinterpret_cast<__nv_bfloat16*>(A16));
+  SSMTUNE_CUDA_CHECK(cudaGetLastError(), "lora_down_projection to bf16 launch");
+  const Operand xd = dropped_input(d, x, ldx, dropout, workspace, layout, stream, "lora_down_projection dropout launch");
+  gemm.run(false, true, d.rows, d.rank, d.in, 1.0f, xd.data, xd.ld, A16, d.in, 0.0f, h, GemmOut::bf16, ldh);
+}
+
+void lora_scaled_up_weight(const cpu::LoraDims& d, const float* B, float scale, uint16_t* up, int64_t ld,
+                           void* stream) {
+  if (ld < d.rank)
+    throw std::invalid_argument("lora_scaled_up_weight: row stride " + std::to_string(ld) + " below rank " +
+                                std::to_string(d.rank));
+  scaled_to_bf16_rows_kernel<<<blocks_for(d.out * d.rank), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+      B, d.out, d.rank, scale, reinterpret_cast<__nv_bfloat16*>(up), ld);
+  SSMTUNE_CUDA_CHECK(cudaGetLastError(), "lora_scaled_up_weight launch");
+}
+
+void lora_forward(Gemm& gemm, const cpu::LoraDims& d, const uint16_t* x, int64_t ldx, const float* A, const float* B,
+                  float scale, const cpu::LoraDropout& dropout, uint16_t* h, int64_t ldh, uint16_t* y, int64_t ldy,
+                  void* workspace) {
+  validate("lora_forward", d, ldx, ldy, dropout);
+  if (d.rows == 0) return;
+  lora_down_projection(gemm, d, x, ldx, A, dropout, h, ldh, workspace);
+  const LoraLayout layout = lora_layout(d);
+  uint16_t* B16 = at<uint16_t>(workspace, layout.B);
+  to_bf16_kernel<<<blocks_for(d.out * d.rank), kThreads, 0, static_cast<cudaStream_t>(gemm.stream())>>>(
+      B, d.out * d.rank, reinterpret_cast<__nv_bfloat16*>(B16));
+  SSMTUNE_CUDA_CHECK(cudaGetLastError(), "lora_forward to bf16 launch");
+  gemm.run(false, true, d.rows, d.out, d.rank, scale, h, ldh, B16, d.rank, 1.0f, y, GemmOut::bf16, ldy);
 }
 
 void lora_backward(Gemm& gemm, const cpu::LoraDims& d, const uint16_t* x, int64_t ldx, const float* A,
-                   const float* B, float scale, const cpu::LoraDropout& dropout, const uint16_t* h, const uint16_t* dy,
-                   int64_t ldy, float* dA, float* dB, uint16_t* dx, int64_t lddx, void* workspace) {
+                   const float* B, float scale, const cpu::LoraDropout& dropout, const uint16_t* h, int64_t ldh,
+                   const uint16_t* dy, int64_t ldy, float* dA, float* dB, uint16_t* dx, int64_t lddx, void* workspace) {
   validate("lora_backward", d, ldx, ldy, dropout);
+  check_h_stride("lora_backward", d, ldh);
   if (lddx < d.in)
     throw std::invalid_argument("lora_backward: dx row stride " + std::to_string(lddx) + " smaller than in=" +
                                 std::to_string(d.in));
@@ -160,7 +208,7 @@ void lora_backward(Gemm& gemm, const cpu::LoraDims& d, const uint16_t* x, int64_
   const Bf16Adapters adapters = adapters_to_bf16(d, A, B, workspace, layout, stream, "lora_backward to bf16 launch");
   uint16_t* dh = at<uint16_t>(workspace, layout.dh);
 
-  gemm.run(true, false, d.out, d.rank, d.rows, scale, dy, ldy, h, d.rank, 1.0f, dB, GemmOut::f32, d.rank);
+  gemm.run(true, false, d.out, d.rank, d.rows, scale, dy, ldy, h, ldh, 1.0f, dB, GemmOut::f32, d.rank);
   gemm.run(false, false, d.rows, d.rank, d.out, scale, dy, ldy, adapters.B, d.rank, 0.0f, dh, GemmOut::bf16, d.rank);
   const Operand xd = dropped_input(d, x, ldx, dropout, workspace, layout, stream, "lora_backward dropout launch");
   gemm.run(true, false, d.rank, d.in, d.rows, 1.0f, dh, d.rank, xd.data, xd.ld, 1.0f, dA, GemmOut::f32, d.in);

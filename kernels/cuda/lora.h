@@ -11,19 +11,29 @@
 
 namespace ssmtune::cuda {
 
-// Scratch that lora_forward and lora_backward need for these dimensions (bf16 copies of A and B, the
-// dropped-out input, dh, ...).
-size_t lora_workspace_bytes(const cpu::LoraDims& d);
+// Scratch that lora_forward and lora_backward need for these dimensions (bf16 copies of A and B, dh, and
+// with dropout the dropped-out input, 4 bytes per element of x: the largest part, needed only when the
+// calls' dropout.p > 0).
+size_t lora_workspace_bytes(const cpu::LoraDims& d, bool dropout);
 
-// h[rows, rank] (dense) = A(dropout(x)); y (row stride ldy) += scale * B h, added by the tensor cores
-// into y as it stands (beta = 1), not through a separate pass.
+// h[rows, rank] (row stride ldh) = A(dropout(x)): the down-projection alone.
+void lora_down_projection(Gemm& gemm, const cpu::LoraDims& d, const uint16_t* x, int64_t ldx, const float* A,
+                          const cpu::LoraDropout& dropout, uint16_t* h, int64_t ldh, void* workspace);
+
+// up[o, j] (bf16, row stride ld) = scale * B[o, j], o < out, j < rank: the up-projection as rank more
+// columns of the dequantized base weight, so that one GEMM of [x | h] with [W | scale·B] gives both paths.
+void lora_scaled_up_weight(const cpu::LoraDims& d, const float* B, float scale, uint16_t* up, int64_t ld,
+                           void* stream);
+
+// The down-projection, then y (row stride ldy) += scale * B h in a second GEMM accumulating into y
+// (beta = 1): for callers whose x has no room for h (framework/backend.h, h_in_x_columns).
 void lora_forward(Gemm& gemm, const cpu::LoraDims& d, const uint16_t* x, int64_t ldx, const float* A, const float* B,
-                  float scale, const cpu::LoraDropout& dropout, uint16_t* h, uint16_t* y, int64_t ldy,
+                  float scale, const cpu::LoraDropout& dropout, uint16_t* h, int64_t ldh, uint16_t* y, int64_t ldy,
                   void* workspace);
 
 // dA, dB (fp32) += their gradients; dx (row stride lddx) += the gradient through the LoRA path.
 void lora_backward(Gemm& gemm, const cpu::LoraDims& d, const uint16_t* x, int64_t ldx, const float* A,
-                   const float* B, float scale, const cpu::LoraDropout& dropout, const uint16_t* h, const uint16_t* dy,
-                   int64_t ldy, float* dA, float* dB, uint16_t* dx, int64_t lddx, void* workspace);
+                   const float* B, float scale, const cpu::LoraDropout& dropout, const uint16_t* h, int64_t ldh,
+                   const uint16_t* dy, int64_t ldy, float* dA, float* dB, uint16_t* dx, int64_t lddx, void* workspace);
 
 }  // namespace ssmtune::cuda

@@ -117,11 +117,13 @@ __device__ uint32_t dequantize_byte(uint32_t byte, float absmax, const float* co
 }
 
 // Threads [0, full_groups) take kDequantBytes bytes each; the next tail_bytes threads one byte each.
-// packed must be 8-byte and out 16-byte aligned (checked by the launcher).
+// packed must be 8-byte and out 16-byte aligned (checked by the launcher). groups_per_row == 0: out is
+// dense; else out has rows of groups_per_row groups each, out_row_pairs bf16 pairs apart (no tail then).
 __global__ void __launch_bounds__(kDequantThreads)
     nf4_dequantize_kernel(const uint8_t* __restrict__ packed, const uint8_t* __restrict__ absmax_codes,
                           const float* __restrict__ nested_absmax, float nested_offset, int64_t full_groups,
-                          int64_t tail_bytes, uint32_t* __restrict__ out) {
+                          int64_t tail_bytes, int64_t groups_per_row, int64_t out_row_pairs,
+                          uint32_t* __restrict__ out) {
   __shared__ float code[16];
   if (threadIdx.x < 16) code[threadIdx.x] = nf4_code[threadIdx.x];
   __syncthreads();
@@ -135,7 +137,10 @@ __global__ void __launch_bounds__(kDequantThreads)
       pairs[k] = dequantize_byte((bytes.x >> (8 * k)) & 0xFF, absmax, code);
       pairs[4 + k] = dequantize_byte((bytes.y >> (8 * k)) & 0xFF, absmax, code);
     }
-    uint4* target = reinterpret_cast<uint4*>(out + j * kDequantBytes);
+    const int64_t first_pair = groups_per_row == 0 ? j * kDequantBytes
+                                                   : (j / groups_per_row) * out_row_pairs +
+                                                         (j % groups_per_row) * kDequantBytes;
+    uint4* target = reinterpret_cast<uint4*>(out + first_pair);
     target[0] = make_uint4(pairs[0], pairs[1], pairs[2], pairs[3]);
     target[1] = make_uint4(pairs[4], pairs[5], pairs[6], pairs[7]);
   } else if (j < full_groups + tail_bytes) {
@@ -202,8 +207,32 @@ void nf4_dequantize_bf16(const uint8_t* packed, const uint8_t* absmax_codes, con
   if (blocks > INT_MAX)
     throw std::invalid_argument("nf4_dequantize_bf16: " + std::to_string(numel) + " elements exceed one launch");
   nf4_dequantize_kernel<<<static_cast<unsigned>(blocks), kDequantThreads, 0, static_cast<cudaStream_t>(stream)>>>(
-      packed, absmax_codes, nested_absmax, nested_offset, full_groups, tail_bytes, reinterpret_cast<uint32_t*>(out));
+      packed, absmax_codes, nested_absmax, nested_offset, full_groups, tail_bytes, 0, 0,
+      reinterpret_cast<uint32_t*>(out));
   SSMTUNE_CUDA_CHECK(cudaGetLastError(), "nf4_dequantize_bf16 launch");
+}
+
+void nf4_dequantize_bf16_rows(const uint8_t* packed, const uint8_t* absmax_codes, const float* nested_absmax,
+                              float nested_offset, int64_t rows, int64_t cols, int64_t ld, uint16_t* out,
+                              void* stream) {
+  constexpr int64_t kGroupElements = 2 * kDequantBytes;
+  if (rows < 0 || cols <= 0 || cols % kGroupElements != 0 || ld < cols || ld % 8 != 0)
+    throw std::invalid_argument("nf4_dequantize_bf16_rows: needs cols a positive multiple of " +
+                                std::to_string(kGroupElements) + " and a row stride >= cols, a multiple of 8; got "
+                                "rows " + std::to_string(rows) + ", cols " + std::to_string(cols) + ", ld " +
+                                std::to_string(ld));
+  if (reinterpret_cast<uintptr_t>(packed) % kDequantBytes != 0 || reinterpret_cast<uintptr_t>(out) % 16 != 0)
+    throw std::invalid_argument("nf4_dequantize_bf16_rows: packed must be 8-byte and out 16-byte aligned");
+  const int64_t groups_per_row = cols / kGroupElements, full_groups = rows * groups_per_row;
+  const int64_t blocks = (full_groups + kDequantThreads - 1) / kDequantThreads;
+  if (blocks == 0) return;
+  if (blocks > INT_MAX)
+    throw std::invalid_argument("nf4_dequantize_bf16_rows: " + std::to_string(rows * cols) +
+                                " elements exceed one launch");
+  nf4_dequantize_kernel<<<static_cast<unsigned>(blocks), kDequantThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+      packed, absmax_codes, nested_absmax, nested_offset, full_groups, 0, groups_per_row, ld / 2,
+      reinterpret_cast<uint32_t*>(out));
+  SSMTUNE_CUDA_CHECK(cudaGetLastError(), "nf4_dequantize_bf16_rows launch");
 }
 
 }  // namespace ssmtune::cuda

@@ -62,12 +62,12 @@ __device__ void for_each_item(int64_t dim, F&& f) {
 template <int V>
 __global__ void __launch_bounds__(kMaxThreads)
     rmsnorm_forward_kernel(const float* x, const __nv_bfloat16* __restrict__ add, float* x_out,
-                           const float* __restrict__ weight, __nv_bfloat16* __restrict__ y, float* __restrict__ rstd,
-                           int64_t dim, float eps) {
+                           const float* __restrict__ weight, __nv_bfloat16* __restrict__ y, int64_t ldy,
+                           float* __restrict__ rstd, int64_t dim, float eps) {
   __shared__ float partial[32];
   const int64_t row = blockIdx.x;
   x += row * dim;
-  y += row * dim;
+  y += row * ldy;
   if (add) {
     add += row * dim;
     x_out += row * dim;
@@ -211,9 +211,10 @@ unsigned weightless_blocks(int64_t rows) {
 
 }  // namespace
 
-void rmsnorm_forward(const float* x, const uint16_t* add, float* x_out, const float* weight, uint16_t* y, float* rstd,
-                     int64_t rows, int64_t dim, float eps, void* stream) {
+void rmsnorm_forward(const float* x, const uint16_t* add, float* x_out, const float* weight, uint16_t* y, int64_t ldy,
+                     float* rstd, int64_t rows, int64_t dim, float eps, void* stream) {
   check_shape("rmsnorm_forward", rows, dim);
+  check_strides("rmsnorm_forward", dim, {ldy});
   if (add && !x_out) throw std::invalid_argument("rmsnorm_forward: add given without x_out");
   if (rows == 0) return;
   const auto* add_bf16 = reinterpret_cast<const __nv_bfloat16*>(add);
@@ -221,14 +222,16 @@ void rmsnorm_forward(const float* x, const uint16_t* add, float* x_out, const fl
   const auto cuda_stream = static_cast<cudaStream_t>(stream);
   const int threads = threads_for("rmsnorm_forward", dim);
   // float4 / 4 x bf16 accesses need every row start aligned: dim % 4 and aligned base pointers.
-  const bool vectorized = dim % 4 == 0 && aligned(x, 16) && aligned(weight, 16) && aligned(y, 8) &&
+  const bool vectorized = dim % 4 == 0 && ldy % 4 == 0 && aligned(x, 16) && aligned(weight, 16) && aligned(y, 8) &&
                           (!add || (aligned(add, 8) && aligned(x_out, 16)));
   if (vectorized) {
     rmsnorm_forward_kernel<4>
-        <<<static_cast<unsigned>(rows), threads, 0, cuda_stream>>>(x, add_bf16, x_out, weight, y_bf16, rstd, dim, eps);
+        <<<static_cast<unsigned>(rows), threads, 0, cuda_stream>>>(x, add_bf16, x_out, weight, y_bf16, ldy, rstd, dim,
+                                                                        eps);
   } else {
     rmsnorm_forward_kernel<1>
-        <<<static_cast<unsigned>(rows), threads, 0, cuda_stream>>>(x, add_bf16, x_out, weight, y_bf16, rstd, dim, eps);
+        <<<static_cast<unsigned>(rows), threads, 0, cuda_stream>>>(x, add_bf16, x_out, weight, y_bf16, ldy, rstd, dim,
+                                                                        eps);
   }
   SSMTUNE_CUDA_CHECK(cudaGetLastError(), "rmsnorm_forward launch");
 }

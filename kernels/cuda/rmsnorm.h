@@ -9,9 +9,10 @@ namespace ssmtune::cuda {
 
 // With add == nullptr: y = rmsnorm(x) * weight. With add: x_out = x + add (written, may alias x), then
 // y = rmsnorm(x_out) * weight, in one pass. x, x_out, weight (nullable: w = 1), rstd [rows]: fp32;
-// add, y: bf16 [rows, dim].
-void rmsnorm_forward(const float* x, const uint16_t* add, float* x_out, const float* weight, uint16_t* y, float* rstd,
-                     int64_t rows, int64_t dim, float eps, void* stream);
+// add: bf16 [rows, dim]; y: bf16 [rows, dim] with row stride ldy >= dim (the columns past dim are not
+// touched: the LoRA path of in_proj keeps its h there, framework/backend.h).
+void rmsnorm_forward(const float* x, const uint16_t* add, float* x_out, const float* weight, uint16_t* y, int64_t ldy,
+                     float* rstd, int64_t rows, int64_t dim, float eps, void* stream);
 
 // dx (fp32) += d rmsnorm/dx · dy; then, when dx_act is given, dx_act (bf16) = the updated dx, which is
 // the gradient of the previous layer's mixer output. dx_act may alias dy (the step reuses one buffer):

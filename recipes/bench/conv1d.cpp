@@ -21,12 +21,12 @@ void bench_causal_conv1d(KernelBench& bench) {
 
       auto forward = [&] {
         cuda::causal_conv1d_silu_forward(xz.as<uint16_t>(), 2 * D, weight.as<float>(), bias.as<float>(),
-                                         u.as<uint16_t>(), B, L, D, kKernel, bench.stream());
+                                         u.as<uint16_t>(), B, L, D, kKernel, nullptr, nullptr, bench.stream());
       };
       auto backward = [&] {
         cuda::causal_conv1d_silu_backward(xz.as<uint16_t>(), 2 * D, weight.as<float>(), bias.as<float>(),
-                                          du.as<uint16_t>(), dxz.as<uint16_t>(), 2 * D, B, L, D, kKernel,
-                                          bench.stream());
+                                          du.as<uint16_t>(), dxz.as<uint16_t>(), 2 * D, B, L, D, kKernel, nullptr,
+                                          nullptr, nullptr, bench.stream());
       };
       const double act = 2.0 * T * D, params = 4.0 * D * (kKernel + 1);
       const double forward_bytes = act + params + act;        // x -> u

@@ -38,7 +38,7 @@ ParallelStepResult run_steps(Backend& backend, const MambaWeights& weights, Comm
     shape.scan_chunk = 64;
     shape.recompute = o.recompute;
     shape.loss_slice_rows = 1024;
-    TrainStep step(backend, weights, adapters, shape);
+    TrainStep step(backend, weights, adapters, shape, &comm);
     OptimizerConfig optimizer_config;
     optimizer_config.lr = 1e-4;
     optimizer_config.total_steps = o.warmup_steps + o.timed_steps;
@@ -62,7 +62,7 @@ ParallelStepResult run_steps(Backend& backend, const MambaWeights& weights, Comm
       backend.fill_zero(adapters.grads(), static_cast<size_t>(adapters.numel()) * dtype_size(adapters.dtype()));
       optimizer.start_step();
       double loss = step.forward_backward(tokens.data(), mask.data(), 1.0 / global_tokens, o.seed,
-                                          static_cast<uint64_t>(i * comm.size() + comm.rank()),
+                                          static_cast<uint64_t>(i * comm.size() + comm.rank()), nullptr,
                                           [&](int64_t layer) { optimizer.layer_backward_done(layer); });
       host.all_reduce_sum(&loss, 1, Element::f64);
       optimizer.update(i);
@@ -112,24 +112,30 @@ std::vector<ParallelStepResult> bench_data_parallel_steps(const ProcessGroup& wo
   return results;
 }
 
+ParallelStepResult bench_sharded_base_steps(Backend& backend, const MambaWeights& sharded, Communicator& host,
+                                            Communicator& comm, const ParallelStepOptions& options) {
+  return run_steps(backend, sharded, host, comm, ShardingStrategy::zero2, "zero2 sharded", options);
+}
+
 void print_parallel_step_table(const std::vector<ParallelStepResult>& results) {
   const ParallelStepResult& alone = results.back();
   const double baseline = alone.tokens_per_second_per_gpu();
-  fmt::print("\n{:<9} {:>5} {:>9} {:>13} {:>8} {:>10} {:>9} {:>9} {:>7}\n", "setting", "GPUs", "per GPU",
+  fmt::print("\n{:<13} {:>5} {:>9} {:>13} {:>8} {:>10} {:>9} {:>9} {:>7}\n", "setting", "GPUs", "per GPU",
              "tokens/s/GPU", "step_ms", "efficiency", "plan_GiB", "used_GiB", "loss");
   for (const ParallelStepResult& r : results) {
     if (!r.error.empty()) {
-      fmt::print("{:<9} {:>5} FAILED: {}\n", r.setting, r.ranks, r.error.substr(0, 90));
+      fmt::print("{:<13} {:>5} FAILED: {}\n", r.setting, r.ranks, r.error.substr(0, 90));
       continue;
     }
     const double tokens = r.tokens_per_second_per_gpu();
-    fmt::print("{:<9} {:>5} {:>9} {:>13.0f} {:>8.1f} {:>10} {:>9.2f} {:>9.2f} {:>7.3f}\n", r.setting, r.ranks,
+    fmt::print("{:<13} {:>5} {:>9} {:>13.0f} {:>8.1f} {:>10} {:>9.2f} {:>9.2f} {:>7.3f}\n", r.setting, r.ranks,
                fmt::format("{}x{}", r.batch, r.seq_len), tokens, r.median_seconds * 1e3,
                baseline > 0 ? fmt::format("{:.1f}%", 100 * tokens / baseline) : "-", r.planned_bytes / 1073741824.0,
                r.in_use_bytes / 1073741824.0, r.losses.empty() ? 0.0 : r.losses.back());
   }
   fmt::print("(median over the timed steps of rank 0; efficiency: tokens/s per GPU over those of one GPU alone;\n"
-             " plan: the memory plans on rank 0; used: all memory in use on rank 0's GPU, NCCL's included)\n");
+             " plan: the memory plans on rank 0, the peak (nothing allocates in a step); used: all memory in use on\n"
+             " rank 0's GPU, NCCL's included; zero2 sharded: zero2 with distributed.shard_base_weights)\n");
 }
 
 }  // namespace ssmtune::bench

@@ -1,7 +1,8 @@
 // Training throughput of a data-parallel job on GPUs: a randomly initialised model, LoRA r=16 alpha 32
 // on all four projections, AdamW, each rank its own random batch per step, for each strategy of
-// distributed/strategy.h; and the same steps on one GPU alone (rank 0 by itself), against which the
-// tokens/s per GPU give the scaling efficiency.
+// distributed/strategy.h, and zero2 with sharded base weights (distributed.shard_base_weights); and the
+// same steps on one GPU alone (rank 0 by itself), against which the tokens/s per GPU give the scaling
+// efficiency. The memory columns show what each setting plans per GPU.
 #pragma once
 #include <cstdint>
 #include <string>
@@ -25,7 +26,7 @@ struct ParallelStepOptions {
 };
 
 struct ParallelStepResult {
-  std::string setting;               // the strategy, or "one GPU"
+  std::string setting;               // the strategy, "zero2 sharded" (base weights too), or "one GPU"
   int ranks = 1;
   int64_t batch = 0, seq_len = 0;    // per rank
   std::vector<double> step_seconds;  // rank 0's timed steps, synchronised at both ends
@@ -46,6 +47,13 @@ std::vector<ParallelStepResult> bench_data_parallel_steps(const ProcessGroup& wo
                                                           const MambaWeights& weights, Communicator& host,
                                                           Communicator& comm, const ParallelStepOptions& options);
 
+// The same steps with zero2 and sharded base weights: `sharded` was built with projection_shard {rank,
+// size} (and nothing else of the model is alive, so that the memory columns show what sharding saves).
+// Collective over comm's ranks.
+ParallelStepResult bench_sharded_base_steps(Backend& backend, const MambaWeights& sharded, Communicator& host,
+                                            Communicator& comm, const ParallelStepOptions& options);
+
+// The table; the last result is the one-GPU baseline.
 void print_parallel_step_table(const std::vector<ParallelStepResult>& results);
 
 }  // namespace ssmtune::bench

@@ -1,6 +1,8 @@
 // ssmtune-bench-dist: the multi-GPU benchmark, run under mpirun with one rank per GPU. It measures the bus
 // bandwidth of the communicator's collectives (nccl-tests' formulas, against REFERENCE.md §7) and the
-// training throughput of each data-parallel strategy against one GPU alone (scaling efficiency).
+// training throughput of each data-parallel strategy against one GPU alone (scaling efficiency), and
+// zero2 with sharded base weights (the memory per GPU that sharding the NF4 base saves, and its cost);
+// with --context, one long sequence split over the ranks (context parallelism) against one GPU alone.
 //   mpirun -np 2 --bind-to none -x NCCL_NVLS_ENABLE=0 build/recipes/ssmtune-bench-dist --json dist.json
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
@@ -13,6 +15,7 @@
 #include "framework/model_sizes.h"
 #include "framework/trainer.h"
 #include "recipes/bench/collectives.h"
+#include "recipes/bench/context_parallel_steps.h"
 #include "recipes/bench/data_parallel_steps.h"
 #include "recipes/bench/harness.h"
 
@@ -55,7 +58,9 @@ void write_json(const std::string& path, const DeviceInfo& device, int ranks,
 int main(int argc, char** argv) {
   ProcessGroup world(&argc, &argv);
   CLI::App app{"ssmtune-bench-dist: collectives and data-parallel training steps across the GPUs of an mpirun job"};
-  bool run_collectives = true, run_steps = true;
+  bool run_collectives = true, run_steps = true, sharded_base = true, run_context = false;
+  ContextStepOptions context;
+  std::string context_model = "mamba-2.8b";
   std::vector<size_t> sizes_mib{16, 64, 256, 1024};
   int warmup = 5, iterations = 20, repetitions = 5;
   ParallelStepOptions steps;
@@ -63,6 +68,8 @@ int main(int argc, char** argv) {
   std::string recompute = "on", json;
   app.add_flag("--collectives,!--no-collectives", run_collectives, "bus bandwidth of the collectives (default on)");
   app.add_flag("--steps,!--no-steps", run_steps, "data-parallel training steps (default on)");
+  app.add_flag("--sharded-base,!--no-sharded-base", sharded_base,
+               "also zero2 with sharded base weights, on 2 or more ranks (default on)");
   app.add_option("--sizes-mib", sizes_mib, "collective buffer sizes in MiB")->delimiter(',')->capture_default_str();
   app.add_option("--warmup", warmup, "untimed collectives per size")->check(CLI::Range(0, 1000))->capture_default_str();
   app.add_option("--iters", iterations, "collectives per timed batch")->check(CLI::Range(1, 100000))->capture_default_str();
@@ -82,6 +89,13 @@ int main(int argc, char** argv) {
   app.add_option("--timeout", steps.timeout_s, "seconds any collective may wait (the watchdog)")->capture_default_str();
   app.add_option("--seed", steps.seed, "seed of the random weights and batches")->capture_default_str();
   app.add_option("--json", json, "write every number measured to this JSON file (rank 0)");
+  app.add_flag("--context,!--no-context", run_context,
+               "context parallelism: one long sequence split over the ranks, against one GPU (default off)");
+  app.add_option("--context-model", context_model, "model of the context-parallel steps")->capture_default_str();
+  app.add_option("--context-lengths", context.lengths, "sequence lengths of the context-parallel steps")
+      ->delimiter(',')->capture_default_str();
+  app.add_option("--checkpoint-every", context.checkpoint_every, "memory.checkpoint_every of the context-parallel steps")
+      ->check(CLI::Range(1, 1024))->capture_default_str();
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -118,10 +132,26 @@ int main(int argc, char** argv) {
         fmt::print("training steps: random {}, {} x {} tokens per GPU, LoRA r=16 on all four projections, recompute {}, "
                    "{} warm-up + {} timed steps\n",
                    steps.model, steps.batch, steps.seq_len, recompute, steps.warmup_steps, steps.timed_steps);
-      const MambaWeights weights = MambaWeights::random(model_size(steps.model), *backend, steps.seed);
-      step_results = bench_data_parallel_steps(world, *backend, weights, host, *comm, steps);
+      {
+        const MambaWeights weights = MambaWeights::random(model_size(steps.model), *backend, steps.seed);
+        step_results = bench_data_parallel_steps(world, *backend, weights, host, *comm, steps);
+      }  // the whole base is gone before the sharded one is built: each row's memory is its own
+      if (sharded_base && world.size() > 1) {
+        const MambaWeights sharded =
+            MambaWeights::random(model_size(steps.model), *backend, steps.seed, {world.rank(), world.size()});
+        step_results.insert(step_results.end() - 1, bench_sharded_base_steps(*backend, sharded, host, *comm, steps));
+      }
+    }
+    std::vector<ContextStepResult> context_results;
+    if (run_context && world.size() > 1) {
+      if (world.is_root())
+        fmt::print("context parallelism: random {}, one sequence per step over {} ranks, checkpoint_every {}\n",
+                   context_model, world.size(), context.checkpoint_every);
+      const MambaWeights weights = MambaWeights::random(model_size(context_model), *backend, context.seed);
+      context_results = bench_context_parallel_steps(world, *backend, weights, host, *comm, context);
     }
     if (world.is_root()) {
+      if (!context_results.empty()) print_context_step_table(context_results);
       if (!json.empty()) {
         write_json(json, device, world.size(), collectives, step_results);
         fmt::print("wrote {}\n", json);

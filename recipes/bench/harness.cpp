@@ -99,6 +99,10 @@ double median(std::vector<double> values) {
   return values.size() % 2 ? values[mid] : 0.5 * (values[mid - 1] + values[mid]);
 }
 
+double seconds_since(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
 // Twice the L2 cache: writing it evicts whatever a previous repetition left there.
 KernelBench::KernelBench(int warmup, int repetitions)
     : warmup_(warmup), repetitions_(repetitions), l2_flush_(2 * device_info().l2_bytes) {

@@ -4,6 +4,7 @@
 #pragma once
 #include <cuda_runtime.h>
 
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <functional>
@@ -88,6 +89,8 @@ class KernelBench {
 };
 
 double median(std::vector<double> values);
+// Host wall time since `start`, in seconds (whole training steps, synchronised at both ends).
+double seconds_since(std::chrono::steady_clock::time_point start);
 
 // The two ceilings of this run: a 1 GiB device-to-device copy and a bf16 GEMM 8192^3 through cuda::Gemm.
 Ceilings measure_ceilings(KernelBench& bench);

@@ -1,6 +1,7 @@
 // ssmtune-bench: the CUDA kernels and whole training steps on one GPU, beside the ceilings measured in
 // the same run and the peer figures of REFERENCE.md §7. Progress goes out as it happens; the short
-// tables come last, one line per entry, and --json keeps every number.
+// tables come last, one line per entry, and --json keeps every number. --long runs the long-sequence
+// benchmark instead (long_sequences.h).
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
 
@@ -9,6 +10,7 @@
 
 #include "recipes/bench/entries.h"
 #include "recipes/bench/harness.h"
+#include "recipes/bench/long_sequences.h"
 #include "recipes/bench/train_steps.h"
 
 namespace {
@@ -37,13 +39,19 @@ int main(int argc, char** argv) {
   int warmup = 3, repetitions = 25;
   StepOptions steps;
   steps.models = {"130m", "1.4b", "2.8b"};
-  std::string recompute = "both", json;
+  std::string recompute = "both", packing = "off", json;
+  bool run_long = false;
+  LongOptions long_options;
   app.add_flag("--kernels,!--no-kernels", run_kernels, "benchmark the kernels (default on)");
   app.add_flag("--steps,!--no-steps", run_steps, "benchmark whole training steps (default on)");
   app.add_option("--models", steps.models, "models for the training steps, comma separated")
       ->delimiter(',')
       ->capture_default_str();
   app.add_option("--recompute", recompute, "layer recomputation in the training steps")
+      ->check(CLI::IsMember({"on", "off", "both"}))
+      ->capture_default_str();
+  app.add_option("--packing", packing,
+                 "training steps on unpacked rows (off), rows packing documents of 300-1000 tokens (on), or both")
       ->check(CLI::IsMember({"on", "off", "both"}))
       ->capture_default_str();
   app.add_option("--json", json, "write every number measured to this JSON file");
@@ -58,18 +66,55 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(5, 1000))
       ->capture_default_str();
   app.add_option("--seed", steps.seed, "seed of the random weights and token batches")->capture_default_str();
+  app.add_flag("--long", run_long,
+               "instead of the kernels and steps: one sequence per step at lengths doubling until one does not fit");
+  app.add_option("--long-model", long_options.model, "--long: the model (framework/model_sizes.h)")
+      ->capture_default_str();
+  app.add_option("--long-start", long_options.start, "--long: the first length")->check(CLI::Range(1, 1 << 24))
+      ->capture_default_str();
+  app.add_option("--long-last", long_options.last, "--long: the longest length tried")->check(CLI::Range(1, 1 << 24))
+      ->capture_default_str();
+  app.add_option("--long-checkpoint-every", long_options.checkpoint_every,
+                 "--long: memory.checkpoint_every of each series, comma separated")
+      ->delimiter(',')
+      ->check(CLI::Range(1, 1 << 20))
+      ->capture_default_str();
+  app.add_option("--long-scan-chunk", long_options.scan_chunk, "--long: memory.scan_chunk")
+      ->check(CLI::Range(1, 1 << 20))
+      ->capture_default_str();
+  app.add_option("--long-timed-steps", long_options.timed_steps, "--long: timed steps per length (after one warm-up)")
+      ->check(CLI::Range(1, 100))
+      ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
 
   try {
     for (std::string& model : steps.models) model = full_model_name(model);
     if (recompute == "both") steps.recompute = {false, true};
     else steps.recompute = {recompute == "on"};
+    if (packing == "both") steps.packing = {false, true};
+    else steps.packing = {packing == "on"};
 
     const DeviceInfo device = device_info();
     fmt::print("{}: {} SMs, {:.0f} MiB L2, {:.1f} GiB; CUDA runtime {}, driver {}\n", device.name, device.sm_count,
                device.l2_bytes / 1048576.0, device.memory_bytes / 1073741824.0, device.runtime_version,
                device.driver_version);
     std::fflush(stdout);
+
+    if (run_long) {
+      long_options.seed = steps.seed;
+      fmt::print("long sequences: {}, LoRA r=16 alpha 32 dropout 0 on all four projections, AdamW, {} warm-up + {} "
+                 "timed steps per length\n",
+                 long_options.model, long_options.warmup_steps, long_options.timed_steps);
+      const std::vector<LongResult> results = bench_long_sequences(long_options);
+      if (!json.empty()) {
+        write_long_json(json, device, results);
+        fmt::print("wrote {}\n", json);
+      }
+      print_long_table(results);
+      // A length that does not fit ends its series by design; only failures of steps that fit fail the run.
+      return std::any_of(results.begin(), results.end(), [](const auto& r) { return r.fits && !r.error.empty(); }) ? 1
+                                                                                                                 : 0;
+    }
 
     Ceilings ceilings;
     std::vector<KernelResult> kernels;

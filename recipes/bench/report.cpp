@@ -67,17 +67,19 @@ void print_kernel_table(const Ceilings& c, const std::vector<KernelResult>& kern
 }
 
 void print_step_table(const std::vector<StepResult>& steps) {
-  fmt::print("\n{:<11} {:<7} {:>6} {:>9} {:>8} {:>8} {:>8} {:>9} {:>8} {:>7} {:>8} {:>6}\n", "model", "recomp",
-             "batch", "tokens/s", "step_ms", "plan_GiB", "used_GiB", "HF_tok/s", "ours/HF", "HF_GiB", "mem/HF",
-             "loss");
+  fmt::print("\n{:<11} {:<7} {:<6} {:>6} {:>9} {:>8} {:>8} {:>8} {:>9} {:>8} {:>7} {:>8} {:>6}\n", "model", "recomp",
+             "packed", "batch", "tokens/s", "step_ms", "plan_GiB", "used_GiB", "HF_tok/s", "ours/HF", "HF_GiB",
+             "mem/HF", "loss");
   for (const StepResult& s : steps) {
     if (!s.error.empty()) {
-      fmt::print("{:<11} {:<7} FAILED: {}\n", s.model, s.recompute ? "on" : "off", first_line(s.error, 90));
+      fmt::print("{:<11} {:<7} {:<6} FAILED: {}\n", s.model, s.recompute ? "on" : "off", s.packed ? "yes" : "no",
+                 first_line(s.error, 90));
       continue;
     }
     const double tokens = s.tokens_per_second(), used = static_cast<double>(s.in_use_bytes);
-    fmt::print("{:<11} {:<7} {:>6} {:>9.0f} {:>8.1f} {:>8.2f} {:>8.2f} {:>9} {:>8} {:>7} {:>8} {:>6.3f}\n", s.model,
-               s.recompute ? "on" : "off", fmt::format("{}x{}", s.batch, s.seq_len), tokens, s.median_seconds * 1e3,
+    fmt::print("{:<11} {:<7} {:<6} {:>6} {:>9.0f} {:>8.1f} {:>8.2f} {:>8.2f} {:>9} {:>8} {:>7} {:>8} {:>6.3f}\n",
+               s.model, s.recompute ? "on" : "off", s.packed ? "yes" : "no", fmt::format("{}x{}", s.batch, s.seq_len),
+               tokens, s.median_seconds * 1e3,
                static_cast<double>(s.planned_bytes) / kGiB, used / kGiB,
                or_dash(s.hf_tokens_per_second.has_value(), fmt::format("{:.0f}", s.hf_tokens_per_second.value_or(0))),
                or_dash(s.hf_tokens_per_second.has_value(),
@@ -88,7 +90,18 @@ void print_step_table(const std::vector<StepResult>& steps) {
   }
   fmt::print("(used: cudaMemGetInfo total-free after the timed steps, CUDA context included; nothing allocates in a\n"
              " step, so it is also the peak. HF: bf16 base, LoRA on in/x/dt_proj; ours: NF4 base, LoRA on all four.\n"
-             " loss: mean token loss of the last step, ln(50280) = 10.83 at random init)\n");
+             " loss: mean token loss of the last step, ln(50280) = 10.83 at random init; packed: the same rows as\n"
+             " documents of 300-1000 tokens, restarting at each)\n");
+  // The cost of packing: each packed setting against the unpacked one of the same model and recompute.
+  for (const StepResult& p : steps) {
+    if (!p.packed || !p.error.empty()) continue;
+    for (const StepResult& u : steps) {
+      if (u.packed || !u.error.empty() || u.model != p.model || u.recompute != p.recompute) continue;
+      fmt::print("packing {} recompute {}: {:.0f} tokens/s packed, {:.0f} unpacked: packed/unpacked {:.3f}\n",
+                 p.model, p.recompute ? "on" : "off", p.tokens_per_second(), u.tokens_per_second(),
+                 p.tokens_per_second() / u.tokens_per_second());
+    }
+  }
 }
 
 void write_json(const std::filesystem::path& path, const DeviceInfo& device, const Ceilings& c,
@@ -127,8 +140,8 @@ void write_json(const std::filesystem::path& path, const DeviceInfo& device, con
   }
   j["steps"] = nlohmann::json::array();
   for (const StepResult& s : steps) {
-    nlohmann::json row = {{"model", s.model}, {"recompute", s.recompute}, {"batch", s.batch},
-                          {"seq_len", s.seq_len}, {"error", s.error}};
+    nlohmann::json row = {{"model", s.model},     {"recompute", s.recompute}, {"packed", s.packed},
+                          {"batch", s.batch},     {"seq_len", s.seq_len},     {"error", s.error}};
     if (s.error.empty()) {
       row["step_seconds"] = s.step_seconds;
       row["median_step_seconds"] = s.median_seconds;

@@ -46,6 +46,7 @@ struct KernelResult {
 struct StepResult {
   std::string model;
   bool recompute = false;
+  bool packed = false;               // rows packing documents (doc_start), else one sequence per row
   int64_t batch = 0, seq_len = 0;
   std::vector<double> step_seconds;  // each timed step, synchronised at both ends
   double median_seconds = 0;

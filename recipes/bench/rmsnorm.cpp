@@ -26,7 +26,7 @@ void bench_rmsnorm(KernelBench& bench) {
       // x, add, weight -> x_out, y, rstd
       bench.record("rmsnorm+residual fwd", shape, Bound::bytes, 2 * f32_rows + 2 * bf16_rows + vectors, {}, [&] {
         cuda::rmsnorm_forward(x.as<float>(), add.as<uint16_t>(), x_out.as<float>(), weight.as<float>(),
-                              y.as<uint16_t>(), rstd.as<float>(), r, d, 1e-5f, bench.stream());
+                              y.as<uint16_t>(), d, rstd.as<float>(), r, d, 1e-5f, bench.stream());
       });
       // x_out, weight, rstd, dy, dx -> dx, dx_act
       bench.record("rmsnorm bwd", shape, Bound::bytes, 3 * f32_rows + 2 * bf16_rows + vectors, {}, [&] {

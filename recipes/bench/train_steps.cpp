@@ -23,8 +23,6 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-double seconds_since(Clock::time_point start) { return std::chrono::duration<double>(Clock::now() - start).count(); }
-
 // The batch sizes are HF + PEFT's, so that the tokens/s and the memory compare like with like.
 const peers::HfStep& hf_figure(const std::string& model) {
   for (const peers::HfStep& hf : peers::kHfPeft)
@@ -32,11 +30,30 @@ const peers::HfStep& hf_figure(const std::string& model) {
   fail("no step benchmark for model '{}' (known: {})", model, fmt::join(step_model_names(), ", "));
 }
 
+// Rows of documents of 300 to 1000 tokens end to end (each row's first continues from before it), as
+// SequenceSampler packs them: doc_start, and a mask that excludes each document's first token as a target.
+void pack_documents(std::mt19937_64& rng, int64_t batch, int64_t len, std::vector<int32_t>& doc_start,
+                    std::vector<uint8_t>& mask) {
+  std::uniform_int_distribution<int64_t> length(300, 1000), rest(1, 1000);
+  for (int64_t b = 0; b < batch; ++b) {
+    int64_t start = 0, next = rest(rng);
+    for (int64_t t = 0; t < len; ++t) {
+      if (t == next) {
+        start = t;
+        next = t + length(rng);
+      }
+      doc_start[b * len + t] = static_cast<int32_t>(start);
+      mask[b * len + t] = t + 1 != next;
+    }
+  }
+}
+
 StepResult run_steps(Backend& backend, const MambaWeights& weights, LoraAdapters& adapters, const peers::HfStep& hf,
-                     bool recompute, const StepOptions& options) {
+                     bool recompute, bool packed, const StepOptions& options) {
   StepResult r;
   r.model = std::string(hf.model);
   r.recompute = recompute;
+  r.packed = packed;
   r.batch = hf.batch;
   r.seq_len = peers::kHfSeqLen;
   r.hf_tokens_per_second = hf.tokens_per_second;
@@ -52,7 +69,8 @@ StepResult run_steps(Backend& backend, const MambaWeights& weights, LoraAdapters
 
     const int64_t T = r.batch * r.seq_len;
     std::vector<uint32_t> tokens(static_cast<size_t>(r.batch * (r.seq_len + 1)));
-    const std::vector<uint8_t> mask(static_cast<size_t>(T), 1);
+    std::vector<uint8_t> mask(static_cast<size_t>(T), 1);
+    std::vector<int32_t> doc_start(packed ? static_cast<size_t>(T) : 0);
     std::mt19937_64 rng(options.seed + (recompute ? 1 : 0));
     std::uniform_int_distribution<uint32_t> token(0, static_cast<uint32_t>(weights.config().vocab_size - 1));
     OptimizerConfig optimizer;
@@ -61,16 +79,12 @@ StepResult run_steps(Backend& backend, const MambaWeights& weights, LoraAdapters
 
     for (int i = 0; i < options.warmup_steps + options.timed_steps; ++i) {
       for (uint32_t& t : tokens) t = token(rng);
-      backend.synchronize();
-      const Clock::time_point start = Clock::now();
-      backend.fill_zero(adapters.grads(), static_cast<size_t>(adapters.numel()) * dtype_size(adapters.dtype()));
-      const double loss = step.forward_backward(tokens.data(), mask.data(), 1.0 / static_cast<double>(T), options.seed,
-                                                static_cast<uint64_t>(i));
-      apply_update(backend, adapters, optimizer, i);
-      backend.synchronize();
-      const double seconds = seconds_since(start);
-      r.losses.push_back(loss / static_cast<double>(T));
-      if (i >= options.warmup_steps) r.step_seconds.push_back(seconds);
+      if (packed) pack_documents(rng, r.batch, r.seq_len, doc_start, mask);
+      // Timed with the step: TrainStep checks and uploads doc_start inside it.
+      const TimedStep timed = timed_training_step(backend, step, adapters, optimizer, i, tokens.data(), mask.data(),
+                                                  packed ? doc_start.data() : nullptr, options.seed);
+      r.losses.push_back(timed.mean_loss);
+      if (i >= options.warmup_steps) r.step_seconds.push_back(timed.seconds);
     }
     r.median_seconds = median(r.step_seconds);
     r.planned_bytes = backend.allocated_bytes();
@@ -80,21 +94,35 @@ StepResult run_steps(Backend& backend, const MambaWeights& weights, LoraAdapters
     size_t free = 0, total = 0;
     SSMTUNE_CUDA_CHECK(cudaMemGetInfo(&free, &total), "bench memory");
     r.in_use_bytes = total - free;
-    fmt::print("  {} recompute {}: {:.0f} tokens/s (median of {} steps, {:.1f} ms), loss {:.3f} -> {:.3f}, "
+    fmt::print("  {} recompute {}{}: {:.0f} tokens/s (median of {} steps, {:.1f} ms), loss {:.3f} -> {:.3f}, "
                "planned {:.2f} GiB (activations {:.2f}), in use {:.2f} GiB\n",
-               r.model, recompute ? "on" : "off", r.tokens_per_second(), r.step_seconds.size(), r.median_seconds * 1e3,
+               r.model, recompute ? "on" : "off", packed ? " packed" : "", r.tokens_per_second(), r.step_seconds.size(), r.median_seconds * 1e3,
                r.losses.front(), r.losses.back(), r.planned_bytes / 1073741824.0, r.activation_bytes / 1073741824.0,
                r.in_use_bytes / 1073741824.0);
   } catch (const std::exception& e) {
     cudaGetLastError();  // an allocation failure must not surface in the next setting's launch checks
     r.error = e.what();
-    fmt::print("  {} recompute {}: FAILED: {}\n", r.model, recompute ? "on" : "off", r.error);
+    fmt::print("  {} recompute {}{}: FAILED: {}\n", r.model, recompute ? "on" : "off", packed ? " packed" : "", r.error);
   }
   std::fflush(stdout);
   return r;
 }
 
 }  // namespace
+
+TimedStep timed_training_step(Backend& backend, TrainStep& step, LoraAdapters& adapters,
+                              const OptimizerConfig& optimizer, int index, const uint32_t* tokens, const uint8_t* mask, const int32_t* doc_start,
+                              uint64_t seed) {
+  const double step_tokens = static_cast<double>(step.shape().batch * step.shape().seq_len);
+  backend.synchronize();
+  const Clock::time_point start = Clock::now();
+  backend.fill_zero(adapters.grads(), static_cast<size_t>(adapters.numel()) * dtype_size(adapters.dtype()));
+  const double loss =
+      step.forward_backward(tokens, mask, 1.0 / step_tokens, seed, static_cast<uint64_t>(index), doc_start);
+  apply_update(backend, adapters, optimizer, index);
+  backend.synchronize();
+  return {loss / step_tokens, seconds_since(start)};
+}
 
 std::vector<std::string> step_model_names() {
   std::vector<std::string> names;
@@ -128,19 +156,22 @@ std::vector<StepResult> bench_training_steps(const StepOptions& options) {
       fmt::print("  built in {:.1f} s: NF4 base {:.2f} GiB, {} adapter parameters\n", seconds_since(start),
                  weights.bytes() / 1073741824.0, adapters.numel());
       for (bool recompute : options.recompute)
-        results.push_back(run_steps(*backend, weights, adapters, hf, recompute, options));
+        for (bool packed : options.packing)
+          results.push_back(run_steps(*backend, weights, adapters, hf, recompute, packed, options));
     } catch (const std::exception& e) {
       cudaGetLastError();
       fmt::print("  {}: FAILED to build: {}\n", model, e.what());
-      for (bool recompute : options.recompute) {
-        StepResult r;
-        r.model = model;
-        r.recompute = recompute;
-        r.batch = hf.batch;
-        r.seq_len = peers::kHfSeqLen;
-        r.error = std::string("building the model: ") + e.what();
-        results.push_back(std::move(r));
-      }
+      for (bool recompute : options.recompute)
+        for (bool packed : options.packing) {
+          StepResult r;
+          r.model = model;
+          r.recompute = recompute;
+          r.packed = packed;
+          r.batch = hf.batch;
+          r.seq_len = peers::kHfSeqLen;
+          r.error = std::string("building the model: ") + e.what();
+          results.push_back(std::move(r));
+        }
     }
     std::fflush(stdout);
   }

@@ -173,17 +173,22 @@ TEST_CASE("sequence sampler", "[data]") {
     REQUIRE(sampler.sequences_per_epoch() == 100);
     std::vector<uint32_t> tokens(seq_len + 1);
     std::vector<uint8_t> mask(seq_len);
+    std::vector<int32_t> doc_start(seq_len);
     for (uint64_t epoch = 0; epoch < 2; ++epoch) {
       std::set<uint32_t> starts;
       for (int s = 0; s < 100; ++s) {
         CHECK(sampler.position().epoch == epoch);
         CHECK(sampler.position().index == static_cast<uint64_t>(s));
-        sampler.next(tokens.data(), mask.data());
+        sampler.next(tokens.data(), mask.data(), doc_start.data());
         const uint32_t start = tokens[0];
         CHECK(start % seq_len == 0);
         for (int64_t t = 0; t <= seq_len; ++t) CHECK(tokens[t] == start + t);
-        // The mask of the predicted token t+1 (counting_contents masks positions divisible by 3).
-        for (int64_t t = 0; t < seq_len; ++t) CHECK(mask[t] == ((start + t + 1) % 3 != 0));
+        // The mask of the predicted token t+1 (counting_contents masks positions divisible by 3), and 0
+        // where that token starts a document (334: the documents are [0, 334), an empty one, [334, 1003)).
+        for (int64_t t = 0; t < seq_len; ++t) CHECK(mask[t] == ((start + t + 1) % 3 != 0 && start + t + 1 != 334));
+        // Each input's document start within the sequence; 0 for the document the sequence starts in.
+        for (int64_t t = 0; t < seq_len; ++t)
+          CHECK(doc_start[t] == (start < 334 && start + t >= 334 ? 334 - static_cast<int32_t>(start) : 0));
         starts.insert(start);
       }
       CHECK(starts.size() == 100);
@@ -265,6 +270,82 @@ TEST_CASE("sequence sampler", "[data]") {
   }
 }
 
+TEST_CASE("sequence sampler packing and one document per sequence", "[data]") {
+  TempDir temp;
+  const std::string path = temp.file("documents.h5");
+  // Documents of 4, 0, 1, 9, 2 and 3 tokens over 19 tokens; token i holds 100 + i, the mask trains all
+  // but positions divisible by 5.
+  TokenDatasetContents contents;
+  contents.vocab_size = 1000;
+  contents.eos_id = 7;
+  for (uint32_t i = 0; i < 19; ++i) contents.tokens.push_back(100 + i);
+  contents.doc_offsets = {0, 4, 4, 5, 14, 16, 19};
+  contents.loss_mask = std::vector<uint8_t>(19);
+  for (size_t i = 0; i < 19; ++i) (*contents.loss_mask)[i] = i % 5 != 0;
+  write_token_dataset(path, contents);
+  const TokenDataset dataset = TokenDataset::open(path);
+  const std::set<uint64_t> document_starts{4, 5, 14, 16};
+
+  SECTION("packing: doc_start restarts at every document, whose first token is never a target") {
+    const int64_t seq_len = 6;
+    SequenceSampler sampler(dataset, seq_len, 1, true);
+    REQUIRE(sampler.sequences_per_epoch() == 3);
+    std::vector<uint32_t> tokens(seq_len + 1);
+    std::vector<uint8_t> mask(seq_len);
+    std::vector<int32_t> doc_start(seq_len, -5);
+    for (int s = 0; s < 3; ++s) {
+      sampler.next(tokens.data(), mask.data(), doc_start.data());
+      const uint64_t start = tokens[0] - 100;
+      INFO("sequence starting at token " << start);
+      int64_t current = 0;
+      for (int64_t t = 0; t < seq_len; ++t) {
+        const uint64_t position = start + t;
+        if (t > 0 && document_starts.count(position)) current = t;
+        CHECK(doc_start[t] == current);
+        CHECK(mask[t] == ((position + 1) % 5 != 0 && !document_starts.count(position + 1)));
+      }
+    }
+  }
+
+  SECTION("without packing: each document in pieces of seq_len targets, padded with masked eos_id") {
+    const int64_t seq_len = 4;
+    SequenceSampler sampler(dataset, seq_len, 2, false);
+    // Documents of 4, 1, 9, 2, 3 tokens have 3, 0, 8, 1, 2 targets: 1 + 0 + 2 + 1 + 1 pieces.
+    REQUIRE(sampler.sequences_per_epoch() == 5);
+    std::set<uint32_t> firsts;
+    std::vector<uint32_t> tokens(seq_len + 1);
+    std::vector<uint8_t> mask(seq_len);
+    std::vector<int32_t> doc_start(seq_len, -5);
+    for (int s = 0; s < 5; ++s) {
+      sampler.next(tokens.data(), mask.data(), doc_start.data());
+      const uint64_t start = tokens[0] - 100;
+      firsts.insert(static_cast<uint32_t>(start));
+      const uint64_t end = *std::upper_bound(contents.doc_offsets.begin(), contents.doc_offsets.end(), start);
+      INFO("piece starting at token " << start << " of the document ending at " << end);
+      for (int64_t t = 0; t <= seq_len; ++t) CHECK(tokens[t] == (start + t < end ? 100 + start + t : 7));
+      for (int64_t t = 0; t < seq_len; ++t) {
+        CHECK(mask[t] == (start + t + 1 < end && (start + t + 1) % 5 != 0));
+        CHECK(doc_start[t] == 0);
+      }
+    }
+    CHECK(firsts == std::set<uint32_t>{0, 5, 9, 14, 16});
+  }
+
+  SECTION("without packing, a file of one-token documents has no sequence") {
+    const std::string single = temp.file("single_tokens.h5");
+    TokenDatasetContents ones;
+    ones.vocab_size = 10;
+    ones.tokens = {1, 2, 3};
+    ones.doc_offsets = {0, 1, 2, 3};
+    write_token_dataset(single, ones);
+    const TokenDataset singles = TokenDataset::open(single);
+    const std::string message = error_of([&] { SequenceSampler(singles, 4, 0, false); });
+    CHECK(contains(message, single));
+    CHECK(contains(message, "2 tokens"));
+    CHECK(SequenceSampler(singles, 2, 0, true).sequences_per_epoch() == 1);
+  }
+}
+
 namespace {
 
 // One dataset or attribute of a hand-made file: the element type, the shape and the raw bytes.
@@ -277,7 +358,7 @@ template <typename T>
 RawArray raw(hid_t type, std::vector<hsize_t> dims, const std::vector<T>& values) {
   RawArray array{type, std::move(dims), {}};
   array.bytes.resize(values.size() * sizeof(T));
-  std::memcpy(array.bytes.data(), values.data(), array.bytes.size());
+  if (!values.empty()) std::memcpy(array.bytes.data(), values.data(), array.bytes.size());  // data() may be null
   return array;
 }
 
@@ -303,7 +384,8 @@ struct RawFile {
         H5Aclose(id);
       } else {
         hid_t id = H5Dcreate2(file, name, array->type, space, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
-        REQUIRE(H5Dwrite(id, array->type, H5S_ALL, H5S_ALL, H5P_DEFAULT, array->bytes.data()) >= 0);
+        if (!array->bytes.empty())  // no bytes: declared but never written
+          REQUIRE(H5Dwrite(id, array->type, H5S_ALL, H5S_ALL, H5P_DEFAULT, array->bytes.data()) >= 0);
         H5Dclose(id);
       }
       H5Sclose(space);
@@ -387,6 +469,13 @@ TEST_CASE("token dataset errors name the file and the problem", "[data]") {
   SECTION("/doc_offsets not ending at the number of tokens") {
     spec.doc_offsets = raw(H5T_NATIVE_UINT64, {3}, std::vector<uint64_t>{0, 4, 5});
     check_open_error(temp, spec, "/doc_offsets ends at 5, expected the number of tokens 6");
+  }
+  SECTION("a dataset declared but never written (a writer stopped midway), however long it claims to be") {
+    spec.tokens = RawArray{H5T_NATIVE_UINT16, {hsize_t{1} << 40}, {}};
+    check_open_error(temp, spec, "/tokens declares 1099511627776 entries but none of them were written");
+    spec = RawFile();
+    spec.doc_offsets = RawArray{H5T_NATIVE_UINT64, {3}, {}};
+    check_open_error(temp, spec, "/doc_offsets declares 3 entries but none of them were written");
   }
   SECTION("/loss_mask of another length") {
     spec.loss_mask = raw(H5T_NATIVE_UINT8, {5}, std::vector<uint8_t>{1, 1, 1, 0, 1});
@@ -492,6 +581,7 @@ TEST_CASE("demo data set", "[data]") {
     std::vector<uint32_t> tokens(65);
     std::vector<uint8_t> mask(64);
     sampler.next(tokens.data(), mask.data());
-    for (int t = 0; t < 64; ++t) CHECK(mask[t] == (tokens[t + 1] != 0));
+    // EOS ends each document and is not trained; the token after it starts a document and is no target.
+    for (int t = 0; t < 64; ++t) CHECK(mask[t] == (tokens[t + 1] != 0 && tokens[t] != 0));
   }
 }

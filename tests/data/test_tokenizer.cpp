@@ -157,8 +157,18 @@ TEST_CASE("unsupported or broken tokenizer files fail naming the file and the ke
   check(with([](json& f) { f["model"]["vocab"].erase("Ġ"); }), "'model.vocab'");
   check(with([](json& f) { f["added_tokens"][0]["lstrip"] = true; }), "'added_tokens[0].lstrip'");
   check(with([](json& f) { f.erase("added_tokens"); }), "'added_tokens'");
+  // Ids far past the number of tokens: the decode table used to be sized by them (2^31 - 1: ~80 GB), and
+  // 2^32 - 1 wrapped the size to 0 and wrote past the table's end.
+  check(with([](json& f) { f["model"]["vocab"]["Ġ"] = 2147483647; }), "'model.vocab' maps \"Ġ\" to 2147483647");
+  check(with([](json& f) { f["added_tokens"][0]["id"] = 4294967295u; }), "'added_tokens[0].id' is 4294967295");
+  check(with([](json& f) { f["added_tokens"][0]["id"] = -1; }), "'added_tokens[0].id' is -1");
   CHECK(contains(load_error(json::array()), "'normalizer'"));
   CHECK(contains(load_error(json("x")), "missing"));
+  {  // nesting that would overflow the stack wherever a value is copied or printed
+    json deep = json::array();
+    for (int i = 0; i < 200; ++i) deep = json::array({deep});
+    check(with([&](json& f) { f["normalizer"] = deep; }), "nested deeper than 128 levels");
+  }
   try {
     Tokenizer::load(fixture_dir + "no-such-file.json");
     FAIL("expected an Error");

@@ -8,9 +8,13 @@
 // Training tolerance: both sides run the same CUDA kernels; as on the CPU they differ in the order of the
 // fp32 gradient sums (~1e-6 relative), but here the adapters feed bf16 activations (8 significant bits),
 // where a parameter moved by 1e-6 relative flips the rounding of the activations close to a rounding
-// boundary, by 2^-9 relative each. Over four steps these flips stay below 1e-4 relative in losses,
-// norms, adapters and moments; 1e-3 leaves a margin, and a real error (a micro-batch lost or doubled, a
-// shard updated twice, a wrong scale) moves them by 1e-2 or more.
+// boundary, by 2^-9 relative each. Losses and gradient norms, sums over every token, stay within 1e-4
+// relative over four steps; 1e-3 leaves a margin, and a real error (a micro-batch lost or doubled, a
+// shard updated twice, a wrong scale) moves them by 1e-2 or more. The adapters and AdamW moments are
+// compared with kStateTolerance: AdamW divides each moment by sqrt(v), so an element whose gradient is
+// within bf16 noise of zero takes a different step in each run; measured on 2 and 4 H200 ranks, the
+// norm-wise differences reach 2.4e-3 (4 ranks), so 5e-3; the loss and norm checks above still catch
+// the real errors.
 #include "distributed/mpi_communicator.h"
 #include "framework/error.h"
 #include "tests/distributed/training_runs.h"
@@ -21,6 +25,7 @@ using namespace ssmtune::test;
 namespace {
 
 constexpr double kTolerance = 1e-3;
+constexpr double kStateTolerance = 5e-3;
 
 double value(int rank, size_t j) { return static_cast<double>((rank + 1) * (static_cast<int>(j % 97) + 1)); }
 
@@ -101,9 +106,13 @@ TEST_CASE("NCCL all-reduce, reduce-scatter, all-gather and broadcast after the c
 }
 
 TEST_CASE("each strategy trains on GPUs through NCCL as one GPU with the same global batch") {
-  check_each_strategy_trains_as_one_process(TrainingRuns("cuda"), kTolerance);
+  TrainingRuns runs("cuda");
+  runs.state_tolerance = kStateTolerance;
+  check_each_strategy_trains_as_one_process(runs, kTolerance);
 }
 
 TEST_CASE("a checkpoint of GPU ranks resumes on one GPU, and one GPU's on the ranks") {
-  check_resume_on_other_ranks(TrainingRuns("cuda"), kTolerance);
+  TrainingRuns runs("cuda");
+  runs.state_tolerance = kStateTolerance;
+  check_resume_on_other_ranks(runs, kTolerance);
 }

@@ -1,5 +1,6 @@
-// The distributed.* recipe keys and the multi-GPU recipes: defaults, overrides, one clear error per bad
-// value, and the 2- and 8-GPU configs load with the global batch their comments promise.
+// The distributed.* recipe keys (and memory.budget_mb) and the multi-GPU recipes: defaults, overrides,
+// one clear error per bad value, and the 2- and 8-GPU configs load with the global batch their comments
+// promise.
 #include "framework/recipe_config.h"
 #include "tests/catch.h"
 #include "tests/framework/error_message.h"
@@ -37,6 +38,20 @@ TEST_CASE("distributed keys: defaults, overrides and errors naming the key") {
   CHECK(error_of({"distributed.timeout_s=soon"}) == "recipe.yaml: key 'distributed.timeout_s' must be a number, got 'soon'");
 }
 
+TEST_CASE("sharded base weights and the memory budget: defaults, overrides and errors naming the key") {
+  const RecipeConfig defaults = parse_recipe(kMinimal, "recipe.yaml", {});
+  CHECK_FALSE(defaults.distributed.shard_base_weights);
+  CHECK(defaults.memory_budget_mb == 0);
+  const RecipeConfig set =
+      parse_recipe(kMinimal, "recipe.yaml", {"distributed.shard_base_weights=true", "memory.budget_mb=40960"});
+  CHECK(set.distributed.shard_base_weights);
+  CHECK(set.memory_budget_mb == 40960);
+  CHECK(error_of({"distributed.shard_base_weights=half"}) ==
+        "recipe.yaml: key 'distributed.shard_base_weights' must be true or false, got 'half'");
+  CHECK(error_of({"memory.budget_mb=-1"}) ==
+        "recipe.yaml: memory.budget_mb must be 0 (no budget) or a number of MiB, got -1");
+}
+
 TEST_CASE("the 2- and 8-GPU recipes keep the global batch of their one-GPU counterparts") {
   const RecipeConfig two = config("mamba-1.4b-2gpu.yaml"), one = config("mamba-1.4b.yaml");
   CHECK(two.distributed.strategy == ShardingStrategy::ddp);
@@ -46,6 +61,7 @@ TEST_CASE("the 2- and 8-GPU recipes keep the global batch of their one-GPU count
 
   const RecipeConfig eight = config("mamba-2.8b-8gpu.yaml"), single = config("mamba-2.8b.yaml");
   CHECK(eight.distributed.strategy == ShardingStrategy::zero2);
+  CHECK_FALSE(eight.distributed.shard_base_weights);
   // Twice the one-GPU batch, in half the steps: the same tokens.
   CHECK(eight.step.batch * eight.grad_accum * 8 == 2 * single.step.batch * single.grad_accum);
   CHECK(2 * eight.max_steps == single.max_steps);

@@ -33,6 +33,8 @@ TEST_CASE("defaults, values and overrides") {
   CHECK(r.optimizer.lr == 0.5);
   CHECK_FALSE(r.step.recompute);
   CHECK(r.max_steps == 100);
+  CHECK(r.packing);  // data.packing defaults to true
+  CHECK_FALSE(parse_recipe(kMinimal, "recipe.yaml", {"data.packing=false"}).packing);
   // The resolved recipe carries the overrides and parses back to the same values.
   const RecipeConfig again = parse_recipe(r.resolved_yaml, "resolved", {});
   CHECK(again.optimizer.lr == 0.5);
@@ -57,4 +59,24 @@ TEST_CASE("bad values and YAML syntax errors") {
   const std::string syntax = error_of("model:\n  path: [unclosed\n");
   CHECK(syntax.find("recipe.yaml: line") != std::string::npos);
   CHECK(error_of("model:\n  path: m\n").find("missing required key 'data.path'") != std::string::npos);
+}
+
+TEST_CASE("keys that are not names, nested target lists and alias bombs are errors, not crashes or hangs") {
+  // yaml-cpp's conversion exceptions used to escape these instead of an Error naming the file.
+  CHECK(error_of(kMinimal + "? [a, b]\n: 1\n").find("recipe.yaml: line 8: a key must be a plain name") !=
+        std::string::npos);
+  CHECK(error_of(kMinimal + "~: 1\n").find("a key must be a plain name") != std::string::npos);
+  CHECK(error_of(kMinimal, {"lora.targets=[[in_proj]]"}).find("'lora.targets' must be a list of projection names") !=
+        std::string::npos);
+  // Each level names the one before ten times: 10^6 dotted keys from 7 lines, unless the walk stops.
+  std::string bomb = kMinimal + "l0: &l0 {x: 1}\n";
+  for (int level = 1; level <= 6; ++level) {
+    bomb += fmt::format("l{0}: &l{0} {{", level);
+    for (int key = 0; key < 10; ++key) bomb += fmt::format("{}k{}: *l{}", key ? ", " : "", key, level - 1);
+    bomb += "}\n";
+  }
+  CHECK(error_of(bomb).find("recipe.yaml: more than 10000 mappings and values") != std::string::npos);
+  // Found by fuzz_recipe: a mapping that contains itself made the walk endless (until memory ran out).
+  CHECK(error_of(kMinimal + "lora: &l\n  loop: *l\n").find("key 'lora.loop.loop.loop.loop.loop.loop.loop' is nested") !=
+        std::string::npos);
 }

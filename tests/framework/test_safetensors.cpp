@@ -214,6 +214,12 @@ TEST_CASE("each malformed safetensors file is an Error naming the file and the p
       {R"({"a":[1]})", 0, std::nullopt, "entry is not a JSON object"},
       {R"({"__metadata__":"pt"})", 0, std::nullopt, "__metadata__ is not a JSON object"},
       {R"({"__metadata__":{"format":1}})", 0, std::nullopt, "value of 'format' is 1, not a string"},
+      // nlohmann reports this as out_of_range, not as a parse error: it used to escape as another exception.
+      {R"({"a":1e999})", 0, std::nullopt, "number overflow parsing '1e999'"},
+      // Printing a value nested this deep in the message used to overflow the stack.
+      {R"({"a":{"dtype":)" + std::string(1'000'000, '[') + std::string(1'000'000, ']') +
+           R"(,"shape":[1],"data_offsets":[0,4]}})",
+       4, std::nullopt, "JSON nested deeper than 128 levels"},
   };
   for (size_t i = 0; i < cases.size(); ++i) {
     const BadFile& bad = cases[i];

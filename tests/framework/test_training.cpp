@@ -154,16 +154,17 @@ double direct_validation_loss(const RecipeConfig& r, int64_t step, int64_t batch
   load_checkpoint(r.output_dir / ("checkpoints/step_" + std::to_string(step)), adapters);
   TrainStep runner(*backend, weights, adapters, r.step);
   const TokenDataset val = TokenDataset::open(r.val_path.string());
-  SequenceSampler sampler(val, r.step.seq_len, 0);
+  SequenceSampler sampler(val, r.step.seq_len, 0, r.packing);
   const int64_t B = r.step.batch, L = r.step.seq_len;
   std::vector<uint32_t> tokens(static_cast<size_t>(B * (L + 1)));
   std::vector<uint8_t> mask(static_cast<size_t>(B * L));
+  std::vector<int32_t> doc_start(mask.size());
   double loss_sum = 0;
   int64_t target_tokens = 0;
   for (int64_t micro = 0; micro < batches; ++micro) {
-    for (int64_t s = 0; s < B; ++s) sampler.next(&tokens[s * (L + 1)], &mask[s * L]);
+    for (int64_t s = 0; s < B; ++s) sampler.next(&tokens[s * (L + 1)], &mask[s * L], &doc_start[s * L]);
     for (uint8_t m : mask) target_tokens += m;
-    loss_sum += runner.forward_loss(tokens.data(), mask.data());
+    loss_sum += runner.forward_loss(tokens.data(), mask.data(), doc_start.data());
   }
   return loss_sum / static_cast<double>(target_tokens);
 }

@@ -1,6 +1,8 @@
 // The CUDA causal conv1d + SiLU against the CPU reference run in double on the same bf16 inputs: x a
 // strided view, dx written through its own row stride with the columns past dim left untouched, every
-// kernel width up to the largest supported, chunk boundaries, sequences shorter than the kernel.
+// kernel width up to the largest supported, chunk boundaries, sequences shorter than the kernel; and with
+// document starts, history and d_tail (packed documents, slices of a split sequence), including
+// history_grad.
 #include <cstdint>
 #include <random>
 #include <stdexcept>
@@ -85,10 +87,10 @@ TEST_CASE("CUDA causal conv1d + SiLU forward and backward equal the CPU referenc
     const double* bias_ref_ptr = s.with_bias ? bias_ref.data() : nullptr;
 
     cuda::causal_conv1d_silu_forward(d_x.get(), s.x_row_stride, d_weight.get(), bias_ptr, d_u.get(), s.batch, s.len,
-                                     s.dim, s.kernel, nullptr);
+                                     s.dim, s.kernel, nullptr, nullptr, nullptr);
     std::vector<double> u_ref(rows * s.dim);
     cpu::causal_conv1d_silu_forward<double>(x_full.values.data(), s.x_row_stride, weight_ref.data(), bias_ref_ptr,
-                                            u_ref.data(), s.batch, s.len, s.dim, s.kernel);
+                                            u_ref.data(), s.batch, s.len, s.dim, s.kernel, nullptr, nullptr);
     CHECK(relative_error(testing::bf16_to_double(d_u.download()), u_ref) < kBf16Tolerance);
 
     // dx: its first dim columns poisoned (NaN), the others random values that must survive.
@@ -98,11 +100,12 @@ TEST_CASE("CUDA causal conv1d + SiLU forward and backward equal the CPU referenc
     }
     DeviceBuffer<uint16_t> d_dx(dx_initial);
     cuda::causal_conv1d_silu_backward(d_x.get(), s.x_row_stride, d_weight.get(), bias_ptr, d_du.get(), d_dx.get(),
-                                      s.dx_row_stride, s.batch, s.len, s.dim, s.kernel, nullptr);
+                                      s.dx_row_stride, s.batch, s.len, s.dim, s.kernel, nullptr, nullptr, nullptr,
+                                      nullptr);
     std::vector<double> dx_ref(rows * s.dx_row_stride, 0.0);
     cpu::causal_conv1d_silu_backward<double>(x_full.values.data(), s.x_row_stride, weight_ref.data(), bias_ref_ptr,
                                              du.values.data(), dx_ref.data(), s.dx_row_stride, nullptr, nullptr,
-                                             s.batch, s.len, s.dim, s.kernel);
+                                             s.batch, s.len, s.dim, s.kernel, nullptr, nullptr, nullptr);
     const std::vector<uint16_t> dx = d_dx.download();
     CHECK(relative_error(testing::bf16_to_double(columns(dx, rows, s.dim, s.dx_row_stride)),
                          columns(dx_ref, rows, s.dim, s.dx_row_stride)) < kBf16Tolerance);
@@ -114,11 +117,170 @@ TEST_CASE("CUDA causal conv1d + SiLU forward and backward equal the CPU referenc
 }
 
 TEST_CASE("CUDA causal conv1d refuses kernel widths past 8") {
-  CHECK_THROWS_AS(cuda::causal_conv1d_silu_forward(nullptr, 16, nullptr, nullptr, nullptr, 1, 4, 16, 9, nullptr),
+  CHECK_THROWS_AS(cuda::causal_conv1d_silu_forward(nullptr, 16, nullptr, nullptr, nullptr, 1, 4, 16, 9, nullptr,
+                                                   nullptr, nullptr),
                   std::invalid_argument);
-  CHECK_THROWS_AS(
-      cuda::causal_conv1d_silu_backward(nullptr, 16, nullptr, nullptr, nullptr, nullptr, 16, 1, 4, 16, 9, nullptr),
-      std::invalid_argument);
-  CHECK_THROWS_AS(cuda::causal_conv1d_silu_forward(nullptr, 16, nullptr, nullptr, nullptr, 1, 4, 16, 0, nullptr),
+  CHECK_THROWS_AS(cuda::causal_conv1d_silu_backward(nullptr, 16, nullptr, nullptr, nullptr, nullptr, 16, 1, 4, 16, 9,
+                                                    nullptr, nullptr, nullptr, nullptr),
                   std::invalid_argument);
+  CHECK_THROWS_AS(cuda::causal_conv1d_silu_forward(nullptr, 16, nullptr, nullptr, nullptr, 1, 4, 16, 0, nullptr,
+                                                   nullptr, nullptr),
+                  std::invalid_argument);
+  CHECK_THROWS_AS(cuda::causal_conv1d_silu_history_grad(nullptr, 16, nullptr, nullptr, nullptr, 1, 4, 16, 9, nullptr,
+                                                        nullptr, nullptr, nullptr),
+                  std::invalid_argument);
+  // d_tail belongs to the last kernel-1 rows: a shorter slice cannot take it.
+  const uint16_t tail = 0;
+  CHECK_THROWS_AS(cuda::causal_conv1d_silu_backward(nullptr, 16, nullptr, nullptr, nullptr, nullptr, 16, 1, 2, 16, 4,
+                                                    nullptr, nullptr, &tail, nullptr),
+                  std::invalid_argument);
+}
+
+namespace {
+
+// doc_start of rows of random documents of 1..max_doc tokens; a row's first document may have begun up to
+// kernel positions before the slice (negative starts) or exactly at its first token.
+std::vector<int32_t> random_doc_starts(int64_t batch, int64_t len, int64_t kernel, int64_t max_doc,
+                                       std::mt19937_64& rng) {
+  std::uniform_int_distribution<int64_t> doc_length(1, max_doc), before(0, kernel);
+  std::vector<int32_t> out(batch * len);
+  for (int64_t b = 0; b < batch; ++b) {
+    int64_t start = -before(rng), next = start + doc_length(rng);
+    for (int64_t t = 0; t < len; ++t) {
+      if (t >= next) {
+        start = t;
+        next = t + doc_length(rng);
+      }
+      out[b * len + t] = static_cast<int32_t>(start);
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("CUDA causal conv1d with document starts, history and d_tail equals the CPU reference") {
+  const uint64_t seed = std::random_device{}();
+  std::mt19937_64 rng(seed);
+  struct BoundaryShape {
+    Shape shape;
+    int64_t max_doc;  // documents of 1..max_doc tokens
+  };
+  // Both access paths, every kernel width, documents shorter than the kernel, longer than a chunk, and
+  // the model layout at length.
+  const std::vector<BoundaryShape> shapes{
+      {{2, 37, 64, 4, 128, 128, true}, 9},    {{3, 50, 33, 4, 70, 67, true}, 5},
+      {{1, 9, 16, 8, 40, 24, true}, 3},       {{2, 100, 24, 1, 24, 32, true}, 7},
+      {{4, 3, 8, 2, 16, 16, true}, 2},        {{2, 64, 40, 3, 80, 80, false}, 40},
+      {{1, 71, 12, 5, 20, 28, true}, 11},     {{2, 96, 8, 6, 16, 16, true}, 13},
+      {{1, 40, 7, 7, 7, 9, true}, 6},         {{1, 2048, 1536, 4, 3072, 3072, true}, 700},
+      {{2, 513, 2560, 4, 5120, 5120, true}, 90}};
+  for (const auto& [s, max_doc] : shapes) {
+    for (const bool with_history : {true, false}) {
+      INFO("seed " << seed << ", batch " << s.batch << ", len " << s.len << ", dim " << s.dim << ", kernel "
+                   << s.kernel << ", x stride " << s.x_row_stride << ", dx stride " << s.dx_row_stride
+                   << ", documents up to " << max_doc << ", history " << with_history);
+      const int64_t rows = s.batch * s.len, K1 = s.kernel - 1;
+      const testing::Bf16Values x_full = random_bf16(rows * s.x_row_stride, rng);
+      const testing::Bf16Values du = random_bf16(rows * s.dim, rng);
+      const testing::Bf16Values history = random_bf16(s.batch * K1 * s.dim, rng);
+      const testing::Bf16Values d_tail = random_bf16(s.batch * K1 * s.dim, rng);
+      const std::vector<double> weight_draw = test::random_values(s.dim * s.kernel, rng, -0.5, 0.5);
+      const std::vector<double> bias_draw = test::random_values(s.dim, rng, -0.5, 0.5);
+      const std::vector<float> weight(weight_draw.begin(), weight_draw.end()),
+          bias(bias_draw.begin(), bias_draw.end());
+      const std::vector<double> weight_ref(weight.begin(), weight.end()), bias_ref(bias.begin(), bias.end());
+      const std::vector<int32_t> doc_start = random_doc_starts(s.batch, s.len, s.kernel, max_doc, rng);
+
+      DeviceBuffer<uint16_t> d_x(x_full.bits), d_du(du.bits), d_u(rows * s.dim), d_history(history.bits),
+          d_d_tail(d_tail.bits), d_d_history(s.batch * K1 * s.dim);
+      DeviceBuffer<float> d_weight(weight), d_bias(bias);
+      DeviceBuffer<int32_t> d_doc_start(doc_start);
+      const uint16_t* history_ptr = with_history ? d_history.get() : nullptr;
+      const double* history_ref = with_history ? history.values.data() : nullptr;
+
+      cuda::causal_conv1d_silu_forward(d_x.get(), s.x_row_stride, d_weight.get(), d_bias.get(), d_u.get(), s.batch,
+                                       s.len, s.dim, s.kernel, d_doc_start.get(), history_ptr, nullptr);
+      std::vector<double> u_ref(rows * s.dim);
+      cpu::causal_conv1d_silu_forward<double>(x_full.values.data(), s.x_row_stride, weight_ref.data(),
+                                              bias_ref.data(), u_ref.data(), s.batch, s.len, s.dim, s.kernel,
+                                              doc_start.data(), history_ref);
+      CHECK(relative_error(testing::bf16_to_double(d_u.download()), u_ref) < kBf16Tolerance);
+
+      std::vector<uint16_t> dx_initial = random_bf16(rows * s.dx_row_stride, rng).bits;
+      for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t d = 0; d < s.dim; ++d) dx_initial[r * s.dx_row_stride + d] = testing::kBf16NaN;
+      }
+      DeviceBuffer<uint16_t> d_dx(dx_initial);
+      // d_tail only where the slice is long enough to take it.
+      const bool with_tail = s.len >= K1;
+      cuda::causal_conv1d_silu_backward(d_x.get(), s.x_row_stride, d_weight.get(), d_bias.get(), d_du.get(),
+                                        d_dx.get(), s.dx_row_stride, s.batch, s.len, s.dim, s.kernel,
+                                        d_doc_start.get(), history_ptr, with_tail ? d_d_tail.get() : nullptr,
+                                        nullptr);
+      std::vector<double> dx_ref(rows * s.dx_row_stride, 0.0);
+      cpu::causal_conv1d_silu_backward<double>(x_full.values.data(), s.x_row_stride, weight_ref.data(),
+                                               bias_ref.data(), du.values.data(), dx_ref.data(), s.dx_row_stride,
+                                               nullptr, nullptr, s.batch, s.len, s.dim, s.kernel, doc_start.data(),
+                                               history_ref, with_tail ? d_tail.values.data() : nullptr);
+      const std::vector<uint16_t> dx = d_dx.download();
+      CHECK(relative_error(testing::bf16_to_double(columns(dx, rows, s.dim, s.dx_row_stride)),
+                           columns(dx_ref, rows, s.dim, s.dx_row_stride)) < kBf16Tolerance);
+      CHECK(gaps_equal(dx, dx_initial, rows, s.dim, s.dx_row_stride));
+
+      // d_history: a sum of at most K-1 products, rounded to bf16 once: the same tolerance.
+      cuda::causal_conv1d_silu_history_grad(d_x.get(), s.x_row_stride, d_weight.get(), d_bias.get(), d_du.get(),
+                                            s.batch, s.len, s.dim, s.kernel, d_doc_start.get(), history_ptr,
+                                            d_d_history.get(), nullptr);
+      std::vector<double> d_history_ref(s.batch * K1 * s.dim);
+      cpu::causal_conv1d_silu_history_grad<double>(x_full.values.data(), s.x_row_stride, weight_ref.data(),
+                                                   bias_ref.data(), du.values.data(), s.batch, s.len, s.dim, s.kernel,
+                                                   doc_start.data(), history_ref, d_history_ref.data());
+      CHECK(relative_error(testing::bf16_to_double(d_d_history.download()), d_history_ref) < kBf16Tolerance);
+      // The inputs are only read.
+      CHECK(d_x.download() == x_full.bits);
+      CHECK(d_du.download() == du.bits);
+      CHECK(d_history.download() == history.bits);
+      CHECK(d_d_tail.download() == d_tail.bits);
+      CHECK(d_doc_start.download() == doc_start);
+    }
+  }
+}
+
+TEST_CASE("CUDA causal conv1d: one document from the first token ignores the history, bit for bit") {
+  const uint64_t seed = std::random_device{}();
+  std::mt19937_64 rng(seed);
+  INFO("seed " << seed);
+  // doc_start == 0 everywhere runs the bounded kernels over the same numbers as the plain ones: only taps
+  // that would read zeros (or the history) are masked, and w*0 adds nothing, so the outputs are identical.
+  for (const Shape& s : {Shape{2, 77, 64, 4, 128, 128, true}, Shape{1, 45, 13, 3, 30, 15, true}}) {
+    const int64_t rows = s.batch * s.len, K1 = s.kernel - 1;
+    const testing::Bf16Values x = random_bf16(rows * s.x_row_stride, rng), du = random_bf16(rows * s.dim, rng),
+                              history = random_bf16(s.batch * K1 * s.dim, rng);
+    const std::vector<double> weight_draw = test::random_values(s.dim * s.kernel, rng, -0.5, 0.5);
+    const std::vector<float> weight(weight_draw.begin(), weight_draw.end()), bias(s.dim, 0.25f);
+    DeviceBuffer<uint16_t> d_x(x.bits), d_du(du.bits), d_history(history.bits), u_plain(rows * s.dim),
+        u_bounded(rows * s.dim), dx_plain(rows * s.dx_row_stride), dx_bounded(rows * s.dx_row_stride),
+        d_history_out(s.batch * K1 * s.dim);
+    DeviceBuffer<float> d_weight(weight), d_bias(bias);
+    DeviceBuffer<int32_t> zeros(std::vector<int32_t>(rows, 0));
+    cuda::causal_conv1d_silu_forward(d_x.get(), s.x_row_stride, d_weight.get(), d_bias.get(), u_plain.get(), s.batch,
+                                     s.len, s.dim, s.kernel, nullptr, nullptr, nullptr);
+    cuda::causal_conv1d_silu_forward(d_x.get(), s.x_row_stride, d_weight.get(), d_bias.get(), u_bounded.get(),
+                                     s.batch, s.len, s.dim, s.kernel, zeros.get(), d_history.get(), nullptr);
+    CHECK(u_plain.download() == u_bounded.download());
+    cuda::causal_conv1d_silu_backward(d_x.get(), s.x_row_stride, d_weight.get(), d_bias.get(), d_du.get(),
+                                      dx_plain.get(), s.dx_row_stride, s.batch, s.len, s.dim, s.kernel, nullptr,
+                                      nullptr, nullptr, nullptr);
+    cuda::causal_conv1d_silu_backward(d_x.get(), s.x_row_stride, d_weight.get(), d_bias.get(), d_du.get(),
+                                      dx_bounded.get(), s.dx_row_stride, s.batch, s.len, s.dim, s.kernel, zeros.get(),
+                                      d_history.get(), nullptr, nullptr);
+    CHECK(columns(dx_plain.download(), rows, s.dim, s.dx_row_stride) ==
+          columns(dx_bounded.download(), rows, s.dim, s.dx_row_stride));
+    // No token's taps reach the history: its gradient is exactly zero.
+    cuda::causal_conv1d_silu_history_grad(d_x.get(), s.x_row_stride, d_weight.get(), d_bias.get(), d_du.get(),
+                                          s.batch, s.len, s.dim, s.kernel, zeros.get(), d_history.get(),
+                                          d_history_out.get(), nullptr);
+    CHECK(d_history_out.download() == std::vector<uint16_t>(s.batch * K1 * s.dim, 0));
+  }
 }

@@ -30,7 +30,7 @@ struct LoraCase {
   // L = sum(wy * y) with y = y0 + lora(x)
   double loss() {
     std::vector<double> y = y0, h(d.rows * d.rank);
-    cpu::lora_forward<double>(d, x.data(), ldx, A.data(), B.data(), scale, dropout, h.data(), y.data(), ldy);
+    cpu::lora_forward<double>(d, x.data(), ldx, A.data(), B.data(), scale, dropout, h.data(), d.rank, y.data(), ldy);
     double L = 0;
     for (int64_t t = 0; t < d.rows; ++t)
       for (int64_t o = 0; o < d.out; ++o) L += wy[t * ldy + o] * y[t * ldy + o];
@@ -42,9 +42,9 @@ void check_gradients(double p) {
   LoraCase c(p);
   std::vector<double> y = c.y0, h(c.d.rows * c.d.rank), dA(c.A.size(), 0.0), dB(c.B.size(), 0.0),
                       dx(c.d.rows * c.ldx, 0.0), dh(c.d.rows * c.d.rank);
-  cpu::lora_forward<double>(c.d, c.x.data(), c.ldx, c.A.data(), c.B.data(), c.scale, c.dropout, h.data(), y.data(),
-                            c.ldy);
-  cpu::lora_backward<double>(c.d, c.x.data(), c.ldx, c.A.data(), c.B.data(), c.scale, c.dropout, h.data(),
+  cpu::lora_forward<double>(c.d, c.x.data(), c.ldx, c.A.data(), c.B.data(), c.scale, c.dropout, h.data(), c.d.rank,
+                            y.data(), c.ldy);
+  cpu::lora_backward<double>(c.d, c.x.data(), c.ldx, c.A.data(), c.B.data(), c.scale, c.dropout, h.data(), c.d.rank,
                              c.wy.data(), c.ldy, dA.data(), dB.data(), dx.data(), c.ldx, dh.data());
   for (size_t i = 0; i < c.A.size(); ++i) CHECK(close_to_fd(dA[i], central_difference(c.A, i, [&] { return c.loss(); })));
   for (size_t i = 0; i < c.B.size(); ++i) CHECK(close_to_fd(dB[i], central_difference(c.B, i, [&] { return c.loss(); })));
@@ -72,7 +72,7 @@ TEST_CASE("lora dropout drops about p of the inputs and scales the rest by 1/(1-
   std::vector<double> x(d.rows * d.in, 1.0), A(d.rank * d.in, 0.0), B(d.out * d.rank, 0.0), h(d.rows * d.rank),
       y(d.rows, 0.0);
   for (int64_t j = 0; j < d.rank; ++j) A[j * d.in + j] = 1.0;
-  cpu::lora_forward<double>(d, x.data(), d.in, A.data(), B.data(), 1.0, {0.25, 3, 9}, h.data(), y.data(), 1);
+  cpu::lora_forward<double>(d, x.data(), d.in, A.data(), B.data(), 1.0, {0.25, 3, 9}, h.data(), d.rank, y.data(), 1);
   int64_t dropped = 0;
   for (double v : h) {
     REQUIRE((v == 0.0 || v == Approx(1.0 / 0.75)));

@@ -63,7 +63,7 @@ int64_t gaps_changed(const testing::StridedBf16& layout, const std::vector<uint1
   return changed;
 }
 
-// Workspace of exactly lora_workspace_bytes, then a guard; poisoned (NaN) so that reading scratch before
+// Workspace of exactly lora_workspace_bytes (without the dropout region when p = 0), then a guard; poisoned (NaN) so that reading scratch before
 // writing it shows.
 struct Workspace {
   size_t bytes;
@@ -102,14 +102,14 @@ void check_forward(cuda::Gemm& gemm, const LoraCase& c, double p, std::mt19937_6
 
   std::vector<double> h_ref(d.rows * d.rank), y_ref = y0.values;
   cpu::lora_forward<double>(d, in.x.values.data() + c.x_offset, c.ldx, widen(in.A).data(), widen(in.B).data(),
-                            in.scale, in.dropout, h_ref.data(), y_ref.data(), c.ldy);
+                            in.scale, in.dropout, h_ref.data(), d.rank, y_ref.data(), c.ldy);
 
   DeviceBuffer<uint16_t> x(in.x.bits), h(d.rows * d.rank), y(y0.bits);
   DeviceBuffer<float> A(in.A), B(in.B);
-  Workspace workspace(cuda::lora_workspace_bytes(d));
+  Workspace workspace(cuda::lora_workspace_bytes(d, p > 0));
   REQUIRE(cudaDeviceSynchronize() == cudaSuccess);  // uploads and poison done before the op's stream starts
-  cuda::lora_forward(gemm, d, x.get() + c.x_offset, c.ldx, A.get(), B.get(), in.scale, in.dropout, h.get(), y.get(),
-                     c.ldy, workspace.buffer.get());
+  cuda::lora_forward(gemm, d, x.get() + c.x_offset, c.ldx, A.get(), B.get(), in.scale, in.dropout, h.get(), d.rank,
+                     y.get(), c.ldy, workspace.buffer.get());
   const auto h_out = testing::bf16_to_double(h.download());
   const auto y_bits = y.download();
 
@@ -134,15 +134,15 @@ void check_backward(cuda::Gemm& gemm, const LoraCase& c, double p, std::mt19937_
 
   std::vector<double> dA_ref = widen(dA0), dB_ref = widen(dB0), dx_ref = dx0.values, dh(d.rows * d.rank);
   cpu::lora_backward<double>(d, in.x.values.data() + c.x_offset, c.ldx, widen(in.A).data(), widen(in.B).data(),
-                             in.scale, in.dropout, h.values.data(), dy.values.data(), c.ldy, dA_ref.data(),
+                             in.scale, in.dropout, h.values.data(), d.rank, dy.values.data(), c.ldy, dA_ref.data(),
                              dB_ref.data(), dx_ref.data(), c.lddx, dh.data());
 
   DeviceBuffer<uint16_t> x(in.x.bits), h_dev(h.bits), dy_dev(dy.bits), dx(dx0.bits);
   DeviceBuffer<float> A(in.A), B(in.B), dA(dA0), dB(dB0);
-  Workspace workspace(cuda::lora_workspace_bytes(d));
+  Workspace workspace(cuda::lora_workspace_bytes(d, p > 0));
   REQUIRE(cudaDeviceSynchronize() == cudaSuccess);
   cuda::lora_backward(gemm, d, x.get() + c.x_offset, c.ldx, A.get(), B.get(), in.scale, in.dropout, h_dev.get(),
-                      dy_dev.get(), c.ldy, dA.get(), dB.get(), dx.get(), c.lddx, workspace.buffer.get());
+                      d.rank, dy_dev.get(), c.ldy, dA.get(), dB.get(), dx.get(), c.lddx, workspace.buffer.get());
   const auto dA_out = dA.download(), dB_out = dB.download();
   const auto dx_bits = dx.download();
 

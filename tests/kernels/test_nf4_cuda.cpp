@@ -4,6 +4,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -218,6 +219,46 @@ TEST_CASE("CUDA NF4 dequantize equals the CPU reference rounded to bf16") {
     CHECK(mismatches == 0);
     CHECK(guard_writes == 0);
   }
+}
+
+// The rows of the weight with a row stride: the same bits as the dense dequantization, row by row, and
+// the columns past cols (where the LoRA up-projection goes) untouched.
+TEST_CASE("CUDA NF4 dequantize into strided rows equals the dense result and leaves the gaps alone") {
+  cuda::nf4_upload_tables();
+  const uint64_t seed = std::random_device{}();
+  INFO("seed " << seed);
+  std::mt19937_64 rng(seed);
+  for (const auto& [rows, cols, ld] : {std::array<int64_t, 3>{3, 16, 24}, {64, 768, 784}, {96, 144, 160}, {7, 64, 64}}) {
+    INFO(rows << " x " << cols << ", ld " << ld);
+    std::normal_distribution<float> normal(0.0f, 0.05f);
+    std::vector<float> w(static_cast<size_t>(rows * cols));
+    for (float& x : w) x = normal(rng);
+    const CpuQuantized q(w);
+    const DeviceBuffer<uint8_t> d_packed(q.packed), d_codes(q.codes);
+    const DeviceBuffer<float> d_nested(q.nested);
+    DeviceBuffer<uint16_t> dense(w.size()), strided(static_cast<size_t>(rows * ld));  // poisoned: NaN
+    cuda::nf4_dequantize_bf16(d_packed.get(), d_codes.get(), d_nested.get(), q.offset, rows * cols, dense.get(), nullptr);
+    cuda::nf4_dequantize_bf16_rows(d_packed.get(), d_codes.get(), d_nested.get(), q.offset, rows, cols, ld,
+                                   strided.get(), nullptr);
+    const std::vector<uint16_t> expected = dense.download(), out = strided.download();
+    int64_t mismatches = 0, gap_writes = 0;
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t c = 0; c < cols; ++c) mismatches += out[r * ld + c] != expected[r * cols + c];
+      for (int64_t c = cols; c < ld; ++c) gap_writes += out[r * ld + c] != testing::kBf16NaN;
+    }
+    CHECK(mismatches == 0);
+    CHECK(gap_writes == 0);
+  }
+  // Rows must be whole 16-element groups and 16-byte aligned.
+  const DeviceBuffer<uint8_t> packed(64), codes(2);
+  const DeviceBuffer<float> nested(1);
+  DeviceBuffer<uint16_t> out(256);
+  CHECK_THROWS_AS(cuda::nf4_dequantize_bf16_rows(packed.get(), codes.get(), nested.get(), 0.0f, 2, 24, 32, out.get(),
+                                                 nullptr),
+                  std::invalid_argument);
+  CHECK_THROWS_AS(cuda::nf4_dequantize_bf16_rows(packed.get(), codes.get(), nested.get(), 0.0f, 2, 32, 36, out.get(),
+                                                 nullptr),
+                  std::invalid_argument);
 }
 
 TEST_CASE("CUDA NF4 dequantize refuses an odd numel and misaligned buffers") {

@@ -62,7 +62,8 @@ TEST_CASE("CUDA rmsnorm forward equals the CPU reference, with and without the r
         DeviceBuffer<uint16_t> d_add(add.bits), d_y(n);
         float* x_out = mode == AddMode::kSeparate ? d_x_out.get() : mode == AddMode::kAliasX ? d_x.get() : nullptr;
         cuda::rmsnorm_forward(d_x.get(), mode == AddMode::kNone ? nullptr : d_add.get(), x_out,
-                              weighted ? d_weight.get() : nullptr, d_y.get(), d_rstd.get(), rows, dim, kEps, nullptr);
+                              weighted ? d_weight.get() : nullptr, d_y.get(), dim, d_rstd.get(), rows, dim, kEps,
+                              nullptr);
 
         std::vector<double> normed_input = to_double(x);
         if (mode != AddMode::kNone) {
@@ -89,6 +90,38 @@ TEST_CASE("CUDA rmsnorm forward equals the CPU reference, with and without the r
         }
         CHECK(d_add.download() == add.bits);
       }
+    }
+  }
+}
+
+// The normed output of in_proj's input keeps the LoRA h in the columns after dim (framework/backend.h):
+// y written with a row stride, the gap left as it was.
+TEST_CASE("CUDA rmsnorm forward writes y with a row stride and leaves the columns past dim alone") {
+  const uint64_t seed = std::random_device{}();
+  std::mt19937_64 rng(seed);
+  for (const auto& [rows, dim] : {std::pair<int64_t, int64_t>{7, 100}, {64, 768}, {3, 33}}) {
+    for (const int64_t gap : {int64_t{8}, int64_t{16}, int64_t{5}}) {
+      INFO("seed " << seed << ", rows " << rows << ", dim " << dim << ", gap " << gap);
+      const int64_t ldy = dim + gap;
+      const size_t n = static_cast<size_t>(rows * dim);
+      const std::vector<float> x = to_float(test::random_values(n, rng, -2.0, 2.0));
+      const std::vector<float> weight = to_float(test::random_values(dim, rng, 0.5, 1.5));
+      DeviceBuffer<float> d_x(x), d_weight(weight), d_rstd(rows);
+      DeviceBuffer<uint16_t> d_y(static_cast<size_t>(rows * ldy));  // poisoned: 0xFFFF everywhere
+      cuda::rmsnorm_forward(d_x.get(), nullptr, nullptr, d_weight.get(), d_y.get(), ldy, d_rstd.get(), rows, dim, kEps,
+                            nullptr);
+      std::vector<double> y_ref(n), rstd_ref(rows);
+      const std::vector<double> x_ref = to_double(x), weight_ref = to_double(weight);
+      cpu::rmsnorm_forward<double>(x_ref.data(), weight_ref.data(), y_ref.data(), rstd_ref.data(), rows, dim, kEps);
+      const std::vector<uint16_t> y = d_y.download();
+      std::vector<uint16_t> y_rows;
+      bool gap_untouched = true;
+      for (int64_t r = 0; r < rows; ++r) {
+        y_rows.insert(y_rows.end(), y.begin() + r * ldy, y.begin() + r * ldy + dim);
+        for (int64_t c = dim; c < ldy; ++c) gap_untouched = gap_untouched && y[r * ldy + c] == testing::kBf16NaN;
+      }
+      CHECK(gap_untouched);
+      CHECK(relative_error(testing::bf16_to_double(y_rows), y_ref) < kBf16Tolerance);
     }
   }
 }
@@ -261,7 +294,8 @@ TEST_CASE("CUDA weightless rmsnorm refuses a row stride below dim and does nothi
 }
 
 TEST_CASE("CUDA rmsnorm refuses rows wider than it supports") {
-  CHECK_THROWS_AS(cuda::rmsnorm_forward(nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, 1, 16385, kEps, nullptr),
+  CHECK_THROWS_AS(cuda::rmsnorm_forward(nullptr, nullptr, nullptr, nullptr, nullptr, 16385, nullptr, 1, 16385, kEps,
+                                        nullptr),
                   std::invalid_argument);
   CHECK_THROWS_AS(cuda::rmsnorm_backward(nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, 1, 16385, nullptr),
                   std::invalid_argument);
