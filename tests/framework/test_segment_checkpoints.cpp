@@ -26,11 +26,16 @@ using namespace ssmtune;
 
 namespace {
 
-// The demo sizes with seven layers: segments of 2 and 3 leave a shorter last one ([6, 7)), and 7 makes one
-// segment of all.
+// The demo model (or falcon-demo) with seven layers, shrunk so that its twenty steps take a moment: segments
+// of 2 and 3 leave a shorter last one ([6, 7)), and 7 makes one segment of all.
 MambaConfig seven_layers(const std::string& size) {
   MambaConfig c = model_size(size);
   c.n_layer = 7;
+  c.d_model = 8;
+  c.d_inner = 16;
+  c.d_state = 4;
+  c.dt_rank = 3;
+  c.vocab_size = 11;
   return c;
 }
 
@@ -136,7 +141,7 @@ TEST_CASE("segment checkpoints plan exactly the residual buffers they keep") {
   CHECK(step.activation_bytes() == TrainStep::planned_bytes(*backend, small, lora, shape).total());
 }
 
-TEST_CASE("memory.checkpoint_every: bad values name the key; the recipe and ssmtune info take it") {
+TEST_CASE("memory.checkpoint_every: bad values name the key, and the recipe and ssmtune info take it") {
   const std::unique_ptr<Backend> backend = make_cpu_backend(DType::F32);
   const MambaConfig config = seven_layers("demo");
   const LoraConfig lora;
