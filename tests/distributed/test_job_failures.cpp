@@ -7,7 +7,9 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <sstream>
 #include <thread>
 
@@ -137,10 +139,25 @@ struct Setup {
   }
 };
 
+// Whether rank 0 has logged step `step` in metrics.jsonl within `seconds` (the progress line on the
+// terminal is redrawn at most ten times a second, so the file, not the output, says which steps ran).
+bool wait_for_logged_step(const std::filesystem::path& metrics, int step, double seconds) {
+  const std::string line_of_step = "\"step\":" + std::to_string(step);
+  const Clock::time_point start = Clock::now();
+  while (std::chrono::duration<double>(Clock::now() - start).count() < seconds) {
+    std::ifstream in(metrics);
+    const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    for (const char after : {',', '}'})
+      if (text.find(line_of_step + after) != std::string::npos) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  return false;
+}
+
 // Starts three ranks, lets them train a few steps, then sends `signal` to rank 1; returns the seconds
 // until mpirun exited.
-double seconds_to_stop_after(int signal, MpiJob& job) {
-  REQUIRE(job.wait_for_output("step     3/", 120));
+double seconds_to_stop_after(int signal, MpiJob& job, const Setup& setup) {
+  REQUIRE(wait_for_logged_step(setup.dir / "out/metrics.jsonl", 3, 120));
   const pid_t rank1 = job.rank_pid(1);
   REQUIRE(rank1 > 0);
   const Clock::time_point sent = Clock::now();
@@ -158,7 +175,7 @@ double seconds_to_stop_after(int signal, MpiJob& job) {
 TEST_CASE("a rank killed mid-step ends the job with an error in bounded time") {
   Setup setup;
   MpiJob job(setup.dir / "log.txt", setup.train(3));
-  const double seconds = seconds_to_stop_after(SIGKILL, job);
+  const double seconds = seconds_to_stop_after(SIGKILL, job, setup);
   INFO(job.output());
   CHECK(job.exit_code() != 0);
   CHECK(seconds < kTimeout * 1.25 + 30);
@@ -167,7 +184,7 @@ TEST_CASE("a rank killed mid-step ends the job with an error in bounded time") {
 TEST_CASE("a rank that hangs mid-step makes the others stop within the timeout, naming it") {
   Setup setup;
   MpiJob job(setup.dir / "log.txt", setup.train(3));
-  const double seconds = seconds_to_stop_after(SIGSTOP, job);
+  const double seconds = seconds_to_stop_after(SIGSTOP, job, setup);
   const std::string output = job.output();
   INFO(output);
   CHECK(job.exit_code() != 0);
