@@ -1,4 +1,5 @@
 #include "kernels/cpu/causal_conv1d.h"
+#include "kernels/cpu/activations.h"
 
 #include <algorithm>
 #include <cmath>
@@ -10,11 +11,6 @@ namespace {
 // Channels per task of the backward: one thread walks every token for its block of channels, which keeps
 // the weight and bias sums deterministic while the innermost loop reads a contiguous run of each row.
 constexpr int64_t kChannelBlock = 64;
-
-template <typename T>
-T sigmoid(T p) {
-  return T(1) / (T(1) + std::exp(-p));
-}
 
 // g = du * silu'(p).
 template <typename T>

@@ -2,24 +2,12 @@
 // expression is written as causal_conv1d.cpp and selective_scan.cpp write it (the same association,
 // the same order of sums), which is what makes the step path equal the full-sequence path bit for bit.
 #include "kernels/cpu/recurrent_step.h"
+#include "kernels/cpu/activations.h"
 
 #include <algorithm>
 #include <cmath>
 
 namespace ssmtune::cpu {
-namespace {
-
-template <typename T>
-T sigmoid(T x) {
-  return T(1) / (T(1) + std::exp(-x));
-}
-
-template <typename T>
-T softplus(T x) {
-  return std::max(x, T(0)) + std::log1p(std::exp(-std::abs(x)));
-}
-
-}  // namespace
 
 template <typename T>
 void causal_conv1d_silu_step(const T* x, int64_t x_row_stride, const T* weight, const T* bias, T* window, T* u,

@@ -21,6 +21,7 @@
 // selective_scan_initial_state_grad use the same expressions too, so they agree bit for bit with the
 // forward's last state and the backward's d_initial_state.
 #include "kernels/cpu/selective_scan.h"
+#include "kernels/cpu/activations.h"
 
 #include <omp.h>
 
@@ -31,18 +32,6 @@
 
 namespace ssmtune::cpu {
 namespace {
-
-template <typename T>
-T sigmoid(T x) {
-  return T(1) / (T(1) + std::exp(-x));
-}
-
-// log(1 + e^x) without overflow for large x or loss of precision for very negative x; its derivative
-// is sigmoid(x).
-template <typename T>
-T softplus(T x) {
-  return std::max(x, T(0)) + std::log1p(std::exp(-std::abs(x)));
-}
 
 // The factor e_t that multiplies h_{t-1}: 0 at a document's first token, where the state restarts.
 template <typename T>
