@@ -199,19 +199,37 @@ class Backend : public BackendSizes {
                                        void* dB, void* dC, void* dz, void* workspace, const int32_t* doc_start,
                                        const void* initial_state, const void* d_final_state,
                                        void* d_initial_state) = 0;
-  // Context parallelism: h is linear in h_{-1}. From a zero initial state, final_state = h_{len-1} and
-  // decay = d h_{len-1} / d h_{-1} (0 where a document starts in the row), both master [batch, dim, state],
-  // written: with initial state h0, h_{len-1} = final_state + decay * h0.
-  virtual void selective_scan_final_state(const ScanShape& s, const void* u, const void* delta,
-                                          const void* delta_bias, const void* A, const void* B, int64_t bc_stride,
-                                          const int32_t* doc_start, void* final_state, void* decay,
-                                          void* workspace) = 0;
-  // d_initial_state (master [batch, dim, state], written): the gradient w.r.t. h_{-1} with d_final_state = 0;
-  // with d_final_state g it is this + decay * g.
-  virtual void selective_scan_initial_state_grad(const ScanShape& s, const void* delta, const void* delta_bias,
-                                                 const void* A, const void* C, int64_t bc_stride, const void* z,
-                                                 int64_t z_stride, const void* dout, const int32_t* doc_start,
-                                                 void* d_initial_state, void* workspace) = 0;
+  // The same two ops in halves, for context parallelism (framework/context_parallel.h): h is linear in
+  // h_{-1}, so each slice runs the first half, the slices exchange what it wrote, and each runs the second
+  // half with what arrives. The halves take the one-call op's arguments; chunk_states and workspace must be
+  // left as they are between them. begin then end equals the one-call op up to rounding.
+  // forward_begin: from a zero initial state, final_state = h_{len-1} and decay = d h_{len-1} / d h_{-1}
+  // (0 where a document starts in the row), both master [batch, dim, state], written: with initial state
+  // h0, h_{len-1} = final_state + decay * h0. forward_end: out and chunk_states from initial_state.
+  virtual void selective_scan_forward_begin(const ScanShape& s, const void* u, const void* delta,
+                                            const void* delta_bias, const void* A, const void* B, int64_t bc_stride,
+                                            void* chunk_states, void* workspace, const int32_t* doc_start,
+                                            void* final_state, void* decay) = 0;
+  virtual void selective_scan_forward_end(const ScanShape& s, const void* u, const void* delta,
+                                          const void* delta_bias, const void* A, const void* B, const void* C,
+                                          int64_t bc_stride, const void* Dskip, const void* z, int64_t z_stride,
+                                          void* out, int64_t out_stride, void* chunk_states, void* workspace,
+                                          const int32_t* doc_start, const void* initial_state) = 0;
+  // backward_begin: d_initial_state (master [batch, dim, state], written) = the gradient w.r.t. h_{-1} with
+  // d_final_state = 0; with d_final_state g it is this + decay * g. backward_end: du, ddelta, dB, dC, dz
+  // with d_final_state arriving at h_{len-1}.
+  virtual void selective_scan_backward_begin(const ScanShape& s, const void* u, const void* delta,
+                                             const void* delta_bias, const void* A, const void* B, const void* C,
+                                             int64_t bc_stride, const void* z, int64_t z_stride,
+                                             const void* chunk_states, const void* dout, void* workspace,
+                                             const int32_t* doc_start, const void* initial_state,
+                                             void* d_initial_state) = 0;
+  virtual void selective_scan_backward_end(const ScanShape& s, const void* u, const void* delta,
+                                           const void* delta_bias, const void* A, const void* B, const void* C,
+                                           int64_t bc_stride, const void* Dskip, const void* z, int64_t z_stride,
+                                           const void* chunk_states, const void* dout, void* du, void* ddelta,
+                                           void* dB, void* dC, void* dz, void* workspace, const int32_t* doc_start,
+                                           const void* initial_state, const void* d_final_state) = 0;
   // One step of the fold above across context-parallel slices (framework/context_parallel.h):
   // state = first + second * state, elementwise over n master values.
   virtual void scan_state_carry(void* state, const void* first, const void* second, int64_t n) = 0;

@@ -15,6 +15,7 @@
 #include "framework/checkpoint_manifest.h"
 #include "framework/error.h"
 #include "framework/safetensors.h"
+#include "framework/untrusted_json.h"
 
 namespace ssmtune {
 namespace {
@@ -256,7 +257,7 @@ TrainingState load_checkpoint(const fs::path& dir, LoraAdapters& adapters) {
   manifest.verify(kStateFile);
   nlohmann::json json;
   try {
-    json = nlohmann::json::parse(read_text_file(state_path));
+    json = parse_untrusted_json(state_path.string(), read_text_file(state_path));
   } catch (const nlohmann::json::exception& e) {
     fail("{}: not valid JSON: {}", state_path.string(), e.what());
   }

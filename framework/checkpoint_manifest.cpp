@@ -12,6 +12,7 @@
 
 #include "framework/atomic_file.h"
 #include "framework/error.h"
+#include "framework/untrusted_json.h"
 
 namespace ssmtune {
 namespace {
@@ -53,7 +54,7 @@ CheckpointManifest CheckpointManifest::read(const fs::path& dir) {
   CheckpointManifest manifest;
   manifest.dir_ = dir;
   try {
-    const nlohmann::json json = nlohmann::json::parse(read_text_file(path));
+    const nlohmann::json json = parse_untrusted_json(path.string(), read_text_file(path));
     if (json.at("format").get<std::string>() != kManifestFormat)
       fail("{}: format '{}', this version of ssmtune reads '{}'", path.string(), json.at("format").get<std::string>(),
            kManifestFormat);

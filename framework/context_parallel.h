@@ -53,11 +53,11 @@ class ContextExchange {
   const void* conv_tail_gradient(const void* d_history);
 
   // Forward scan. final_state and decay (master [batch, d_inner, d_state]): this slice's from a zero state
-  // (Backend::selective_scan_final_state). initial_state receives the state entering this slice; returns
+  // (Backend::selective_scan_forward_begin). initial_state receives the state entering this slice; returns
   // it, or null on the first slice.
   const void* scan_initial_state(const void* final_state, const void* decay, void* initial_state);
   // Backward scan. d_initial_state: the gradient w.r.t. this slice's first state when none arrives at its
-  // last (Backend::selective_scan_initial_state_grad); decay as in the forward. Returns the gradient
+  // last (Backend::selective_scan_backward_begin); decay as in the forward. Returns the gradient
   // arriving at this slice's last state, or null on the last slice.
   const void* scan_final_state_grad(const void* d_initial_state, const void* decay);
 

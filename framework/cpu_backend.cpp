@@ -183,19 +183,39 @@ class CpuBackend final : public Backend {
                                     nullptr, nullptr, cast(workspace), doc_start, cast(initial_state),
                                     cast(d_final_state), cast(d_initial_state));
   }
-  void selective_scan_final_state(const ScanShape& s, const void* u, const void* delta, const void* delta_bias,
-                                  const void* A, const void* B, int64_t bc_stride, const int32_t* doc_start,
-                                  void* final_state, void* decay, void* /*workspace: none needed*/) override {
+  // The halves here are the reference's own functions: begin the zero-start final state (or the gradient
+  // w.r.t. h_{-1}), end the whole op from what arrived. Nothing passes between them.
+  void selective_scan_forward_begin(const ScanShape& s, const void* u, const void* delta, const void* delta_bias,
+                                    const void* A, const void* B, int64_t bc_stride, void* /*chunk_states*/,
+                                    void* /*workspace*/, const int32_t* doc_start, void* final_state,
+                                    void* decay) override {
     cpu::selective_scan_final_state<T>(cpu_shape(s), cast(u), cast(delta), cast(delta_bias), cast(A), cast(B),
                                        bc_stride, doc_start, cast(final_state), cast(decay));
   }
-  void selective_scan_initial_state_grad(const ScanShape& s, const void* delta, const void* delta_bias,
-                                         const void* A, const void* C, int64_t bc_stride, const void* z,
-                                         int64_t z_stride, const void* dout, const int32_t* doc_start,
-                                         void* d_initial_state, void* /*workspace: none needed*/) override {
+  void selective_scan_forward_end(const ScanShape& s, const void* u, const void* delta, const void* delta_bias,
+                                  const void* A, const void* B, const void* C, int64_t bc_stride, const void* Dskip,
+                                  const void* z, int64_t z_stride, void* out, int64_t out_stride, void* chunk_states,
+                                  void* workspace, const int32_t* doc_start, const void* initial_state) override {
+    selective_scan_forward(s, u, delta, delta_bias, A, B, C, bc_stride, Dskip, z, z_stride, out, out_stride,
+                           chunk_states, workspace, doc_start, initial_state);
+  }
+  void selective_scan_backward_begin(const ScanShape& s, const void* /*u*/, const void* delta, const void* delta_bias,
+                                     const void* A, const void* /*B*/, const void* C, int64_t bc_stride,
+                                     const void* z, int64_t z_stride, const void* /*chunk_states*/, const void* dout,
+                                     void* /*workspace*/, const int32_t* doc_start, const void* /*initial_state*/,
+                                     void* d_initial_state) override {
     cpu::selective_scan_initial_state_grad<T>(cpu_shape(s), cast(delta), cast(delta_bias), cast(A), cast(C),
                                               bc_stride, cast(z), z_stride, cast(dout), doc_start,
                                               cast(d_initial_state));
+  }
+  void selective_scan_backward_end(const ScanShape& s, const void* u, const void* delta, const void* delta_bias,
+                                   const void* A, const void* B, const void* C, int64_t bc_stride, const void* Dskip,
+                                   const void* z, int64_t z_stride, const void* chunk_states, const void* dout,
+                                   void* du, void* ddelta, void* dB, void* dC, void* dz, void* workspace,
+                                   const int32_t* doc_start, const void* initial_state,
+                                   const void* d_final_state) override {
+    selective_scan_backward(s, u, delta, delta_bias, A, B, C, bc_stride, Dskip, z, z_stride, chunk_states, dout, du,
+                            ddelta, dB, dC, dz, workspace, doc_start, initial_state, d_final_state, nullptr);
   }
   void scan_state_carry(void* state, const void* first, const void* second, int64_t n) override {
     T* h = cast(state);

@@ -130,10 +130,8 @@ class CudaBackend final : public Backend {
   // The scan ops never run at the same time: one buffer serves all.
   size_t scan_workspace_bytes(const ScanShape& s) const override {
     const cpu::SelectiveScanShape shape = scan_shape(s);
-    return std::max({cuda::selective_scan_forward_workspace_bytes(shape),
-                     cuda::selective_scan_backward_workspace_bytes(shape),
-                     cuda::selective_scan_final_state_workspace_bytes(shape),
-                     cuda::selective_scan_initial_state_grad_workspace_bytes(shape)});
+    return std::max(cuda::selective_scan_forward_workspace_bytes(shape),
+                    cuda::selective_scan_backward_workspace_bytes(shape));
   }
   size_t cross_entropy_workspace_bytes(int64_t rows, int64_t slice_rows, int64_t vocab) const override {
     return cuda::cross_entropy_workspace_bytes(rows, slice_rows, vocab);
@@ -255,19 +253,41 @@ class CudaBackend final : public Backend {
                                   bf16(ddelta), bf16(dB), bf16(dC), bf16(dz), workspace, doc_start, f32(initial_state),
                                   f32(d_final_state), f32(d_initial_state), stream_);
   }
-  void selective_scan_final_state(const ScanShape& s, const void* u, const void* delta, const void* delta_bias,
-                                  const void* A, const void* B, int64_t bc_stride, const int32_t* doc_start,
-                                  void* final_state, void* decay, void* workspace) override {
-    cuda::selective_scan_final_state(scan_shape(s), bf16(u), bf16(delta), f32(delta_bias), f32(A), bf16(B), bc_stride,
-                                     doc_start, f32(final_state), f32(decay), workspace, stream_);
+  void selective_scan_forward_begin(const ScanShape& s, const void* u, const void* delta, const void* delta_bias,
+                                    const void* A, const void* B, int64_t bc_stride, void* chunk_states,
+                                    void* workspace, const int32_t* doc_start, void* final_state,
+                                    void* decay) override {
+    cuda::selective_scan_forward_begin(scan_shape(s), bf16(u), bf16(delta), f32(delta_bias), f32(A), bf16(B),
+                                       bc_stride, f32(chunk_states), workspace, doc_start, f32(final_state),
+                                       f32(decay), stream_);
   }
-  void selective_scan_initial_state_grad(const ScanShape& s, const void* delta, const void* delta_bias, const void* A,
-                                         const void* C, int64_t bc_stride, const void* z, int64_t z_stride,
-                                         const void* dout, const int32_t* doc_start, void* d_initial_state,
-                                         void* workspace) override {
-    cuda::selective_scan_initial_state_grad(scan_shape(s), bf16(delta), f32(delta_bias), f32(A), bf16(C), bc_stride,
-                                            bf16(z), z_stride, bf16(dout), doc_start, f32(d_initial_state), workspace,
-                                            stream_);
+  void selective_scan_forward_end(const ScanShape& s, const void* u, const void* delta, const void* delta_bias,
+                                  const void* A, const void* B, const void* C, int64_t bc_stride, const void* Dskip,
+                                  const void* z, int64_t z_stride, void* out, int64_t out_stride, void* chunk_states,
+                                  void* workspace, const int32_t* doc_start, const void* initial_state) override {
+    cuda::selective_scan_forward_end(scan_shape(s), bf16(u), bf16(delta), f32(delta_bias), f32(A), bf16(B), bf16(C),
+                                     bc_stride, f32(Dskip), bf16(z), z_stride, bf16(out), out_stride,
+                                     f32(chunk_states), workspace, doc_start, f32(initial_state), stream_);
+  }
+  void selective_scan_backward_begin(const ScanShape& s, const void* u, const void* delta, const void* delta_bias,
+                                     const void* A, const void* B, const void* C, int64_t bc_stride, const void* z,
+                                     int64_t z_stride, const void* chunk_states, const void* dout, void* workspace,
+                                     const int32_t* doc_start, const void* initial_state,
+                                     void* d_initial_state) override {
+    cuda::selective_scan_backward_begin(scan_shape(s), bf16(u), bf16(delta), f32(delta_bias), f32(A), bf16(B),
+                                        bf16(C), bc_stride, bf16(z), z_stride, f32(chunk_states), bf16(dout),
+                                        workspace, doc_start, f32(initial_state), f32(d_initial_state), stream_);
+  }
+  void selective_scan_backward_end(const ScanShape& s, const void* u, const void* delta, const void* delta_bias,
+                                   const void* A, const void* B, const void* C, int64_t bc_stride, const void* Dskip,
+                                   const void* z, int64_t z_stride, const void* chunk_states, const void* dout,
+                                   void* du, void* ddelta, void* dB, void* dC, void* dz, void* workspace,
+                                   const int32_t* doc_start, const void* initial_state,
+                                   const void* d_final_state) override {
+    cuda::selective_scan_backward_end(scan_shape(s), bf16(u), bf16(delta), f32(delta_bias), f32(A), bf16(B), bf16(C),
+                                      bc_stride, f32(Dskip), bf16(z), z_stride, f32(chunk_states), bf16(dout),
+                                      bf16(du), bf16(ddelta), bf16(dB), bf16(dC), bf16(dz), workspace, doc_start,
+                                      f32(initial_state), f32(d_final_state), stream_);
   }
   void scan_state_carry(void* state, const void* first, const void* second, int64_t n) override {
     cuda::scan_state_carry(f32(state), f32(first), f32(second), n, stream_);

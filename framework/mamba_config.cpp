@@ -6,6 +6,7 @@
 
 #include "framework/atomic_file.h"
 #include "framework/error.h"
+#include "framework/untrusted_json.h"
 
 namespace ssmtune {
 namespace {
@@ -199,7 +200,7 @@ MambaConfig load_mamba_config(const std::filesystem::path& config_json) {
   std::string text = read_text_file(config_json);
   json j;
   try {
-    j = json::parse(text);
+    j = parse_untrusted_json(config_json.string(), text);
   } catch (const json::parse_error& e) {
     fail("{}: invalid JSON: {}", config_json.string(), e.what());
   }

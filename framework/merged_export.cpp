@@ -9,6 +9,7 @@
 #include "framework/atomic_directory.h"
 #include "framework/atomic_file.h"
 #include "framework/checkpoint.h"
+#include "framework/checkpoint_manifest.h"
 #include "framework/error.h"
 #include "framework/model_files.h"
 #include "framework/recipe_config.h"
@@ -102,8 +103,7 @@ fs::path base_model_dir(const RecipeConfig& recipe, const fs::path& checkpoint_d
 void export_merged_model(const fs::path& checkpoint_dir, const fs::path& out_dir, const MergedExportOptions& options) {
   if (options.dtype != DType::F32 && options.dtype != DType::BF16 && options.dtype != DType::F16)
     fail("merged export: dtype {} is not one of F32, BF16, F16", dtype_name(options.dtype));
-  if (!fs::exists(checkpoint_dir / kStateFile))
-    fail("{}: not a complete checkpoint (no {})", checkpoint_dir.string(), kStateFile);
+  CheckpointManifest::read(checkpoint_dir).verify_all();  // a damaged or unfinished checkpoint exports nothing
   const RecipeConfig recipe = load_recipe(checkpoint_dir / kRecipeFile, {});
   const ModelFiles files = ModelFiles::open(base_model_dir(recipe, checkpoint_dir, options.model));
   const ShardedSafetensors& tensors = files.tensors();

@@ -24,9 +24,10 @@ struct MergedExportOptions {
   uint64_t max_shard_bytes = kDefaultMaxShardBytes;
 };
 
-// Errors name the file and tensor or key: an incomplete checkpoint, a base model that is not there
-// (saying where its path came from), adapters that do not fit the base model or the recipe's
-// lora.targets, an output directory that exists and is not empty.
+// Errors name the file and tensor or key: an incomplete or damaged checkpoint (no manifest, or a file
+// that does not match it), a base model that is not there (saying where its path came from), adapters
+// that do not fit the base model or the recipe's lora.targets, an output directory that exists and is
+// not empty.
 void export_merged_model(const std::filesystem::path& checkpoint_dir, const std::filesystem::path& out_dir,
                          const MergedExportOptions& options);
 

@@ -12,6 +12,7 @@
 #include "framework/error.h"
 #include "framework/smoothed_value.h"
 #include "framework/svg_plot.h"
+#include "framework/untrusted_json.h"
 
 namespace ssmtune {
 namespace {
@@ -37,8 +38,12 @@ RunMetrics read_metrics(const fs::path& path) {
   for (int64_t number = 1; std::getline(in, text); ++number) {
     if (text.find_first_not_of(" \t\r") == std::string::npos) continue;
     const std::string where = path.string() + ":" + std::to_string(number);
-    const nlohmann::json line = nlohmann::json::parse(text, nullptr, false);
-    if (line.is_discarded() || !line.is_object()) fail("{}: not a JSON object: {}", where, text.substr(0, 80));
+    nlohmann::json line;  // stays null where the text is not JSON
+    try {
+      line = parse_untrusted_json(where, text);
+    } catch (const nlohmann::json::parse_error&) {
+    }
+    if (!line.is_object()) fail("{}: not a JSON object: {}", where, text.substr(0, 80));
     if (!line.contains("step") || !line["step"].is_number_integer())
       fail("{}: no integer \"step\" in {}", where, text.substr(0, 80));
     const double step = line["step"].get<double>();

@@ -8,6 +8,7 @@
 
 #include "framework/error.h"
 #include "framework/sharded_safetensors.h"
+#include "framework/untrusted_json.h"
 #include "kernels/cpu/nf4.h"
 
 namespace ssmtune {
@@ -97,8 +98,9 @@ class StoredNf4Reader {
     const std::span<const std::byte> bytes = tensors_.bytes(name);
     json state;
     try {
-      state = json::parse(reinterpret_cast<const char*>(bytes.data()),
-                          reinterpret_cast<const char*>(bytes.data()) + bytes.size());
+      state = parse_untrusted_json(fmt::format("{}: tensor '{}'", where(name), name),
+                                   reinterpret_cast<const char*>(bytes.data()),
+                                   reinterpret_cast<const char*>(bytes.data()) + bytes.size());
     } catch (const json::parse_error& e) {
       fail("{}: tensor '{}' is not UTF-8 JSON: {}", where(name), name, e.what());
     }

@@ -11,7 +11,8 @@ namespace ssmtune {
 inline constexpr const char* kPeftConfigFile = "adapter_config.json";
 inline constexpr const char* kPeftWeightsFile = "adapter_model.safetensors";
 
-// Writes the adapter into out_dir and returns warnings for the user (e.g. targets PEFT refuses).
+// Writes the adapter into out_dir and returns warnings for the user (e.g. targets PEFT refuses). An Error
+// naming the file when the checkpoint's manifest is missing or a file does not match it.
 std::vector<std::string> export_peft_adapter(const std::filesystem::path& checkpoint_dir,
                                              const std::filesystem::path& out_dir);
 

@@ -12,6 +12,7 @@
 #include "framework/error.h"
 #include "framework/peft_export.h"
 #include "framework/safetensors.h"
+#include "framework/untrusted_json.h"
 
 namespace ssmtune {
 namespace {
@@ -52,7 +53,7 @@ LoraConfig read_peft_adapter_config(const std::filesystem::path& dir) {
   const std::string file = path.string();
   json config;
   try {
-    config = json::parse(read_text_file(path));
+    config = parse_untrusted_json(file, read_text_file(path));
   } catch (const json::exception& e) {
     fail("{}: not valid JSON: {}", file, e.what());
   }

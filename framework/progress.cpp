@@ -9,8 +9,8 @@
 namespace ssmtune {
 namespace {
 
-// The display whose live line is on this process's terminal, so that warnings can clear it first.
-ProgressDisplay* g_live_display = nullptr;
+// The live line on this process's terminal, so that warnings can clear it first.
+LiveLine* g_live_line = nullptr;
 
 // The memory part of a line: the device's use when the backend knows it, else the memory plans.
 std::string memory_field(const ProgressFigures& f) {
@@ -60,12 +60,48 @@ std::string format_warning(std::string_view message, int rank, int world_size) {
 }
 
 void print_warning(std::string_view message, int rank, int world_size) {
-  if (g_live_display) g_live_display->clear();
+  if (g_live_line) g_live_line->clear();
   fmt::print(stderr, "{}\n", format_warning(message, rank, world_size));
   std::fflush(stderr);
 }
 
 bool stdout_is_terminal() { return ::isatty(STDOUT_FILENO) == 1; }
+
+LiveLine::LiveLine(FILE* out) : out_(out) { g_live_line = this; }
+
+LiveLine::~LiveLine() {
+  if (showing_) {
+    std::fputc('\n', out_);
+    std::fflush(out_);
+  }
+  if (g_live_line == this) g_live_line = nullptr;
+}
+
+bool LiveLine::due() const {
+  return !showing_ || std::chrono::steady_clock::now() - last_draw_ >= std::chrono::milliseconds(100);
+}
+
+void LiveLine::draw(std::string line) {
+  if (const size_t columns = terminal_columns(out_); columns > 1 && line.size() >= columns) line.resize(columns - 1);
+  // \r and "clear to the end of the line" (ANSI EL): a shorter line leaves nothing of the longer one.
+  fmt::print(out_, "\r{}\033[K", line);
+  std::fflush(out_);
+  showing_ = true;
+  last_draw_ = std::chrono::steady_clock::now();
+}
+
+void LiveLine::message(std::string_view line) {
+  clear();
+  fmt::print(out_, "{}\n", line);
+  std::fflush(out_);
+}
+
+void LiveLine::clear() {
+  if (!showing_) return;
+  fmt::print(out_, "\r\033[K");
+  std::fflush(out_);
+  showing_ = false;
+}
 
 ProgressDisplay::ProgressDisplay(const Backend& backend, bool live, int64_t first_step, int64_t total_steps, FILE* out)
     : backend_(backend),
@@ -73,17 +109,8 @@ ProgressDisplay::ProgressDisplay(const Backend& backend, bool live, int64_t firs
       first_step_(first_step),
       total_steps_(total_steps),
       out_(out),
-      start_(std::chrono::steady_clock::now()) {
-  if (live_) g_live_display = this;
-}
-
-ProgressDisplay::~ProgressDisplay() {
-  if (showing_) {
-    std::fputc('\n', out_);
-    std::fflush(out_);
-  }
-  if (g_live_display == this) g_live_display = nullptr;
-}
+      line_(out),
+      start_(std::chrono::steady_clock::now()) {}
 
 ProgressFigures ProgressDisplay::figures(int64_t step, double loss, double lr, double grad_norm,
                                          double tokens_per_s) const {
@@ -118,29 +145,11 @@ void ProgressDisplay::step(int64_t step, double loss, double lr, double grad_nor
     }
     return;
   }
-  const auto now = std::chrono::steady_clock::now();
-  if (!first && step != total_steps_ && showing_ && now - last_draw_ < std::chrono::milliseconds(100)) return;
-  last_draw_ = now;
+  if (!first && step != total_steps_ && !line_.due()) return;
   const double tokens_per_s = run_seconds_ > 0 ? run_tokens_ / run_seconds_ : tokens / seconds;
-  std::string line = format_live_line(figures(step, loss_.value(), lr, grad_norm, tokens_per_s));
-  if (const size_t columns = terminal_columns(out_); columns > 1 && line.size() >= columns) line.resize(columns - 1);
-  // \r and "clear to the end of the line" (ANSI EL): a shorter line leaves nothing of the longer one.
-  fmt::print(out_, "\r{}\033[K", line);
-  std::fflush(out_);
-  showing_ = true;
+  line_.draw(format_live_line(figures(step, loss_.value(), lr, grad_norm, tokens_per_s)));
 }
 
-void ProgressDisplay::message(std::string_view line) {
-  clear();
-  fmt::print(out_, "{}\n", line);
-  std::fflush(out_);
-}
-
-void ProgressDisplay::clear() {
-  if (!showing_) return;
-  fmt::print(out_, "\r\033[K");
-  std::fflush(out_);
-  showing_ = false;
-}
+void ProgressDisplay::message(std::string_view line) { line_.message(line); }
 
 }  // namespace ssmtune

@@ -46,12 +46,37 @@ void print_warning(std::string_view message, int rank = 0, int world_size = 1);
 // Whether progress should be drawn live: stdout is a terminal.
 bool stdout_is_terminal();
 
+// One line on a terminal, redrawn in place. Lines of their own and warnings (print_warning) first clear
+// it, so nothing is garbled, and the next draw brings it back; its last state stays on screen, with a
+// line end, when it is destroyed. Used by training's progress and by `ssmtune prepare`.
+class LiveLine {
+ public:
+  explicit LiveLine(FILE* out);
+  ~LiveLine();
+  LiveLine(const LiveLine&) = delete;
+  LiveLine& operator=(const LiveLine&) = delete;
+
+  // Whether to draw now: the line is not showing, or was drawn a tenth of a second ago or more (a
+  // redraw at every update would keep a fast loop waiting on the terminal).
+  bool due() const;
+  // `line` (no line end) in place of the last, cut to the terminal's width.
+  void draw(std::string line);
+  // A line of its own (no line end).
+  void message(std::string_view line);
+  // Clears the line if it is showing.
+  void clear();
+
+ private:
+  FILE* out_;
+  bool showing_ = false;
+  std::chrono::steady_clock::time_point last_draw_;
+};
+
 class ProgressDisplay {
  public:
   // live: the live line on `out`; otherwise plain lines. first_step: the step the run starts from
   // (non-zero after resume); total_steps: max_steps.
   ProgressDisplay(const Backend& backend, bool live, int64_t first_step, int64_t total_steps, FILE* out = stdout);
-  ~ProgressDisplay();  // ends the live line, keeping its last state on screen
   ProgressDisplay(const ProgressDisplay&) = delete;
   ProgressDisplay& operator=(const ProgressDisplay&) = delete;
 
@@ -61,8 +86,6 @@ class ProgressDisplay {
   void step(int64_t step, double loss, double lr, double grad_norm, double tokens, double seconds, bool logged);
   // A line of its own (no line end): validation, "saved ...", notes.
   void message(std::string_view line);
-  // Clears the live line if it is showing (the next step draws it again).
-  void clear();
 
  private:
   ProgressFigures figures(int64_t step, double loss, double lr, double grad_norm, double tokens_per_s) const;
@@ -70,10 +93,10 @@ class ProgressDisplay {
   bool live_;
   int64_t first_step_, total_steps_;
   FILE* out_;
-  bool showing_ = false;  // the live line is on screen
+  LiveLine line_;  // live: the line; plain: clears nothing before a message
   SmoothedValue loss_;
   double run_tokens_ = 0, run_seconds_ = 0;  // steps after the run's first (which carries the warm-up)
-  std::chrono::steady_clock::time_point start_, last_draw_;
+  std::chrono::steady_clock::time_point start_;
 };
 
 }  // namespace ssmtune

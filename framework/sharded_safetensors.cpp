@@ -8,6 +8,7 @@
 
 #include "framework/atomic_file.h"
 #include "framework/error.h"
+#include "framework/untrusted_json.h"
 
 namespace ssmtune {
 
@@ -31,7 +32,7 @@ ShardedSafetensors ShardedSafetensors::open_index(const fs::path& index_json) {
   const std::string where = index_json.string();
   nlohmann::json index;
   try {
-    index = nlohmann::json::parse(read_text_file(index_json));
+    index = parse_untrusted_json(where, read_text_file(index_json));
   } catch (const nlohmann::json::parse_error& e) {
     fail("{}: invalid JSON: {}", where, e.what());
   }

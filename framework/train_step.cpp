@@ -81,11 +81,12 @@ StepPlanBytes TrainStepBuffers::declare(Plan& plan, const BackendSizes& backend,
     plan.add(&a.states, scan.batch * scan.num_chunks() * D * c.d_state * master);
     if (lora.targets_projection(Projection::x_proj))
       plan.add(&a.lora_h[static_cast<size_t>(Projection::x_proj)], T * lora.rank * act);
-    if (shape.context_ranks > 1) {
-      plan.add(&a.conv_history, carried_history);
-      plan.add(&a.scan_initial, carried_state);
-      plan.add(&a.scan_decay, carried_state);
-    }
+  }
+  carried_in_.resize(shape.context_ranks > 1 ? static_cast<size_t>(c.n_layer) : 0);
+  for (CarriedIn& carried : carried_in_) {
+    plan.add(&carried.conv_history, carried_history);
+    plan.add(&carried.scan_initial, carried_state);
+    plan.add(&carried.scan_decay, carried_state);
   }
   plan.add(&mixer_out_, T * c.d_model * act);
   plan.add(&final_normed_, T * c.d_model * act);
@@ -248,8 +249,8 @@ void TrainStep::upload_batch(const uint32_t* tokens, const uint8_t* target_mask,
   backend_.copy_from_host(loss_weights_, host_weights_encoded_.data(), host_weights_encoded_.size());
 }
 
-void TrainStep::layer_forward(int64_t i, LayerActivations& a, bool add_previous_mixer, uint64_t seed,
-                              uint64_t stream) {
+void TrainStep::layer_forward(int64_t i, LayerActivations& a, bool add_previous_mixer, bool first_forward,
+                              uint64_t seed, uint64_t stream) {
   const MambaConfig& c = weights_.config();
   const MambaLayerWeights& w = base_.layer(i);
   const int64_t T = rows_, D = c.d_inner, R = c.dt_rank, N = c.d_state, xdbl_cols = R + 2 * N;
@@ -266,7 +267,13 @@ void TrainStep::layer_forward(int64_t i, LayerActivations& a, bool add_previous_
                              c.layer_norm_epsilon);
   backend_.linear_forward(linear(i, Projection::in_proj, lora, seed, stream), a.hn, hn_cols_, T, a.xz, 2 * D,
                           h(Projection::in_proj), linear_workspace_);
-  const void* history = context_ ? context_->conv_history(a.xz, 2 * D, a.conv_history) : nullptr;
+  // What crosses into this slice: exchanged in the first forward, read back in the backward's.
+  const bool exchange = context_ && first_forward;
+  const bool carried_in = context_ && !context_->first();
+  CarriedIn* carried = context_ ? &carried_in_[static_cast<size_t>(i)] : nullptr;
+  const void* history = exchange     ? context_->conv_history(a.xz, 2 * D, carried->conv_history)
+                        : carried_in ? carried->conv_history
+                                     : nullptr;
   backend_.conv1d_silu_forward(a.xz, 2 * D, w.conv_weight, w.conv_bias, a.u, shape_.batch, shape_.seq_len, D,
                                c.conv_kernel, boundaries_, history);
   // falcon-mamba normalises dt_r, B and C, each over its own width, between x_proj and their uses.
@@ -286,15 +293,18 @@ void TrainStep::layer_forward(int64_t i, LayerActivations& a, bool add_previous_
   }
   backend_.linear_forward(linear(i, Projection::dt_proj, lora, seed, stream), dt_input, dt_input_cols, T, a.dt, D,
                           h(Projection::dt_proj), linear_workspace_);
-  const void* initial_state = nullptr;
-  if (context_) {  // this slice from a zero state, then the state the slices before it hand over
-    backend_.selective_scan_final_state(scan, a.u, a.dt, w.dt_bias, w.A, act_at(a.xdbl, R), xdbl_cols, boundaries_,
-                                        context_final_, a.scan_decay, scan_workspace_);
-    initial_state = context_->scan_initial_state(context_final_, a.scan_decay, a.scan_initial);
+  if (exchange) {  // this slice from a zero state, then from the state the slices before it hand over
+    backend_.selective_scan_forward_begin(scan, a.u, a.dt, w.dt_bias, w.A, act_at(a.xdbl, R), xdbl_cols, a.states,
+                                          scan_workspace_, boundaries_, context_final_, carried->scan_decay);
+    const void* initial_state = context_->scan_initial_state(context_final_, carried->scan_decay, carried->scan_initial);
+    backend_.selective_scan_forward_end(scan, a.u, a.dt, w.dt_bias, w.A, act_at(a.xdbl, R), act_at(a.xdbl, R + N),
+                                        xdbl_cols, w.D, act_at(a.xz, D), 2 * D, a.y, y_cols_, a.states,
+                                        scan_workspace_, boundaries_, initial_state);
+  } else {
+    backend_.selective_scan_forward(scan, a.u, a.dt, w.dt_bias, w.A, act_at(a.xdbl, R), act_at(a.xdbl, R + N),
+                                    xdbl_cols, w.D, act_at(a.xz, D), 2 * D, a.y, y_cols_, a.states, scan_workspace_,
+                                    boundaries_, carried_in ? carried->scan_initial : nullptr);
   }
-  backend_.selective_scan_forward(scan, a.u, a.dt, w.dt_bias, w.A, act_at(a.xdbl, R), act_at(a.xdbl, R + N),
-                                  xdbl_cols, w.D, act_at(a.xz, D), 2 * D, a.y, y_cols_, a.states, scan_workspace_,
-                                  boundaries_, initial_state);
   backend_.linear_forward(linear(i, Projection::out_proj, lora, seed, stream), a.y, y_cols_, T, mixer_out_, c.d_model,
                           h(Projection::out_proj), linear_workspace_);
 }
@@ -313,19 +323,24 @@ void TrainStep::layer_backward(int64_t i, LayerActivations& a, uint64_t seed, ui
                            c.d_model, h(Projection::out_proj), d_y_, D, false, linear_workspace_);
   // What crossed into this slice in the forward, and the scan state's gradient from the slices after it.
   const bool carried_in = context_ && !context_->first();
-  const void* history = carried_in ? a.conv_history : nullptr;
-  const void* initial_state = carried_in ? a.scan_initial : nullptr;
-  const void* d_final_state = nullptr;
-  if (context_) {
-    backend_.selective_scan_initial_state_grad(scan, a.dt, w.dt_bias, w.A, act_at(a.xdbl, R + N), xdbl_cols,
-                                               act_at(a.xz, D), 2 * D, d_y_, boundaries_, context_d_initial_,
-                                               scan_workspace_);
-    d_final_state = context_->scan_final_state_grad(context_d_initial_, a.scan_decay);
+  const CarriedIn* carried = context_ ? &carried_in_[static_cast<size_t>(i)] : nullptr;
+  const void* history = carried_in ? carried->conv_history : nullptr;
+  const void* initial_state = carried_in ? carried->scan_initial : nullptr;
+  if (context_) {  // the gradient w.r.t. this slice's first state with none arriving, then with what arrives
+    backend_.selective_scan_backward_begin(scan, a.u, a.dt, w.dt_bias, w.A, act_at(a.xdbl, R), act_at(a.xdbl, R + N),
+                                           xdbl_cols, act_at(a.xz, D), 2 * D, a.states, d_y_, scan_workspace_,
+                                           boundaries_, initial_state, context_d_initial_);
+    const void* d_final_state = context_->scan_final_state_grad(context_d_initial_, carried->scan_decay);
+    backend_.selective_scan_backward_end(scan, a.u, a.dt, w.dt_bias, w.A, act_at(a.xdbl, R), act_at(a.xdbl, R + N),
+                                         xdbl_cols, w.D, act_at(a.xz, D), 2 * D, a.states, d_y_, d_u_, d_dt_,
+                                         act_at(d_xdbl_, R), act_at(d_xdbl_, R + N), act_at(d_xz_, D),
+                                         scan_workspace_, boundaries_, initial_state, d_final_state);
+  } else {
+    backend_.selective_scan_backward(scan, a.u, a.dt, w.dt_bias, w.A, act_at(a.xdbl, R), act_at(a.xdbl, R + N),
+                                     xdbl_cols, w.D, act_at(a.xz, D), 2 * D, a.states, d_y_, d_u_, d_dt_,
+                                     act_at(d_xdbl_, R), act_at(d_xdbl_, R + N), act_at(d_xz_, D), scan_workspace_,
+                                     boundaries_, nullptr, nullptr, nullptr);
   }
-  backend_.selective_scan_backward(scan, a.u, a.dt, w.dt_bias, w.A, act_at(a.xdbl, R), act_at(a.xdbl, R + N),
-                                   xdbl_cols, w.D, act_at(a.xz, D), 2 * D, a.states, d_y_, d_u_, d_dt_,
-                                   act_at(d_xdbl_, R), act_at(d_xdbl_, R + N), act_at(d_xz_, D), scan_workspace_,
-                                   boundaries_, initial_state, d_final_state, nullptr);
   const auto [dt_input, dt_input_cols] = dt_proj_input(a);
   backend_.linear_backward(linear(i, Projection::dt_proj, lora, seed, stream), dt_input, dt_input_cols, T, d_dt_, D,
                            h(Projection::dt_proj), d_xdbl_, xdbl_cols, false, linear_workspace_);
@@ -360,7 +375,7 @@ void TrainStep::forward_layers(uint64_t seed, uint64_t stream) {
   backend_.embedding_forward(inputs_, rows_, weights_.embedding(), c.d_model, residual_[0]);
   for (int64_t i = 0; i < c.n_layer; ++i) {
     base_.acquire(i, i + 1 < c.n_layer ? i + 1 : -1);
-    layer_forward(i, activations(i), i > 0, seed, stream);
+    layer_forward(i, activations(i), i > 0, true, seed, stream);
   }
   base_.complete();
   backend_.rmsnorm_forward(residual_[c.n_layer - 1], mixer_out_, residual_[c.n_layer], weights_.norm_f(),
@@ -384,12 +399,12 @@ void TrainStep::backward_layers(uint64_t seed, uint64_t stream, const LayerBackw
     const int64_t forward_from = shape_.recompute && top < n_layer ? first : top - 1;
     for (int64_t j = forward_from; j < top; ++j) {
       base_.acquire(j, j + 1 < top ? j + 1 : (top - 2 >= first ? top - 2 : next_segment));
-      if (shape_.recompute) layer_forward(j, activations(j), j > forward_from, seed, stream);
+      if (shape_.recompute) layer_forward(j, activations(j), j > forward_from, false, seed, stream);
     }
     for (int64_t i = top - 1; i >= first; --i) {
       if (i < top - 1) {  // a layer below the segment's last, which only k > 1 (with recompute) has
         base_.acquire(i, i > first ? i - 1 : next_segment);
-        layer_forward(i, activations(i), false, seed, stream);
+        layer_forward(i, activations(i), false, false, seed, stream);
       }
       layer_backward(i, activations(i), seed, stream);
       if (on_layer_backward_done) on_layer_backward_done(i);

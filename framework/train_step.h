@@ -64,7 +64,10 @@ struct TrainStepBuffers {
     void* y = nullptr;           // act [T, y_cols_]   gated scan output | out_proj's h
     void* states = nullptr;      // master [batch, chunks, d_inner, N]
     std::array<void*, 4> lora_h{};  // act [T, rank] for x_proj, whose input u has no spare columns
-    // With context parallelism, what crossed into this slice (kept for the backward):
+  };
+  // With context parallelism, what crossed into a layer's slice in the step's first forward: kept per
+  // layer for its backward and for the forwards the backward runs again, which then exchange nothing.
+  struct CarriedIn {
     void* conv_history = nullptr;  // act [batch, K-1, d_inner]  the previous slice's last conv inputs
     void* scan_initial = nullptr;  // master [batch, d_inner, N] the scan state entering the slice
     void* scan_decay = nullptr;    // master [batch, d_inner, N] how an entering state carries through it
@@ -80,6 +83,7 @@ struct TrainStepBuffers {
   std::vector<void*> residual_;              // n_layer + 1
   std::vector<void*> segment_residuals_;
   std::vector<LayerActivations> layer_acts_; // n_layer, or one shared when recomputing
+  std::vector<CarriedIn> carried_in_;        // n_layer under context parallelism, else empty
   void* mixer_out_ = nullptr;                // act [T, d_model]
   void* final_normed_ = nullptr;             // act [T, d_model]
   void* final_rstd_ = nullptr;               // master [T]
@@ -172,9 +176,11 @@ class TrainStep : private TrainStepBuffers {
   void backward_layers(uint64_t dropout_seed, uint64_t dropout_stream, const LayerBackwardDone& on_layer_backward_done);
   bool dropout_enabled_ = true;  // off for evaluation
   // add_previous_mixer: form residual i from residual i-1 and mixer_out_ first (the first forward);
-  // without it residual i is already there (layer 0, and recomputation in the backward).
-  void layer_forward(int64_t i, LayerActivations& a, bool add_previous_mixer, uint64_t dropout_seed,
-                     uint64_t dropout_stream);
+  // without it residual i is already there (layer 0, and recomputation in the backward). first_forward:
+  // the step's forward, which under context parallelism exchanges what crosses into the slice (the
+  // backward's forwards read it back from carried_in_).
+  void layer_forward(int64_t i, LayerActivations& a, bool add_previous_mixer, bool first_forward,
+                     uint64_t dropout_seed, uint64_t dropout_stream);
   void layer_backward(int64_t i, LayerActivations& a, uint64_t dropout_seed, uint64_t dropout_stream);
   LinearOp linear(int64_t layer, Projection p, LoraPath& storage, uint64_t seed, uint64_t stream) const;
   LayerActivations& activations(int64_t layer);

@@ -13,6 +13,7 @@
 #include "data/prepare.h"
 #include "data/tokenizer.h"
 #include "framework/error.h"
+#include "framework/progress.h"
 
 namespace ssmtune {
 namespace {
@@ -27,37 +28,27 @@ constexpr uint64_t kShownSkippedLines = 20;
 // line every ten seconds (logs of batch jobs stay short).
 class PrepareProgressDisplay {
  public:
-  PrepareProgressDisplay() : live_(isatty(STDERR_FILENO) == 1), start_(Clock::now()), last_(start_) {}
+  PrepareProgressDisplay() : live_(isatty(STDERR_FILENO) == 1), start_(Clock::now()), last_plain_(start_) {}
 
   void update(const PrepareProgress& p) {
     last_progress_ = p;
-    const Clock::time_point now = Clock::now();
-    if (now - last_ < (live_ ? std::chrono::milliseconds(100) : std::chrono::milliseconds(10000))) return;
-    last_ = now;
     if (live_) {
-      fmt::print(stderr, "\r\33[K{}", line(p));
-      showing_ = true;
-    } else {
-      fmt::print(stderr, "{}\n", line(p));
+      if (live_line_.due()) live_line_.draw(line(p));
+      return;
     }
+    const Clock::time_point now = Clock::now();
+    if (now - last_plain_ < std::chrono::seconds(10)) return;
+    last_plain_ = now;
+    fmt::print(stderr, "{}\n", line(p));
     std::fflush(stderr);
   }
   // A line of its own, after clearing the live line (the next update draws it again).
-  void message(std::string_view text) {
-    clear();
-    fmt::print(stderr, "{}\n", text);
-  }
+  void message(std::string_view text) { live_line_.message(text); }
   // Leaves the final figures on screen.
   void finish() {
-    if (live_) {
-      fmt::print(stderr, "\r\33[K{}\n", line(last_progress_));
-      showing_ = false;
-    }
+    if (live_) live_line_.message(line(last_progress_));
   }
-  void clear() {
-    if (showing_) fmt::print(stderr, "\r\33[K");
-    showing_ = false;
-  }
+  void clear() { live_line_.clear(); }
   double seconds() const { return std::chrono::duration<double>(Clock::now() - start_).count(); }
   double tokens_per_second(uint64_t tokens) const {
     return seconds() > 0 ? static_cast<double>(tokens) / seconds() : 0;
@@ -69,8 +60,8 @@ class PrepareProgressDisplay {
                        tokens_per_second(p.tokens));
   }
   bool live_;
-  bool showing_ = false;
-  Clock::time_point start_, last_;
+  LiveLine live_line_{stderr};
+  Clock::time_point start_, last_plain_;
   PrepareProgress last_progress_;
 };
 

@@ -91,8 +91,8 @@ __global__ void nf4_nested_kernel(const float* __restrict__ block_absmax, int64_
 // Dequantization: each thread expands kDequantBytes packed bytes (one 8-byte load) into 16 bf16 (two
 // 16-byte stores), so the kernel moves wide words, near copy bandwidth; the last numel % 16 elements go
 // one byte per thread. A 64-block is 4 threads' bytes: each computes the block's absmax itself, once. The
-// NF4 code is read from shared memory, where the lanes' different nibbles hit different banks (constant
-// memory would serialize them).
+// NF4 code and the absmax codes' map are read from shared memory, where the lanes' different indices hit
+// different banks (constant memory would serialize them: a warp's bytes span 8 absmax blocks).
 constexpr int kDequantThreads = 256;
 constexpr int64_t kDequantBytes = 8;
 static_assert(cpu::kNf4BlockSize % (2 * kDequantBytes) == 0, "a thread's bytes lie in one 64-block");
@@ -101,9 +101,9 @@ static_assert(cpu::kNf4BlockSize % (2 * kDequantBytes) == 0, "a thread's bytes l
 // (__fmul_rn/__fadd_rn: no fused multiply-add), so every weight equals the CPU reference bit for bit
 // before the final rounding to bf16.
 __device__ float dequantized_absmax(const uint8_t* __restrict__ absmax_codes, const float* __restrict__ nested_absmax,
-                                    float nested_offset, int64_t element) {
+                                    float nested_offset, const float* map, int64_t element) {
   const int64_t block = element / cpu::kNf4BlockSize;
-  return __fadd_rn(__fmul_rn(dynamic_map[absmax_codes[block]], nested_absmax[block / cpu::kNf4NestedBlockSize]),
+  return __fadd_rn(__fmul_rn(map[absmax_codes[block]], nested_absmax[block / cpu::kNf4NestedBlockSize]),
                    nested_offset);
 }
 
@@ -124,13 +124,15 @@ __global__ void __launch_bounds__(kDequantThreads)
                           const float* __restrict__ nested_absmax, float nested_offset, int64_t full_groups,
                           int64_t tail_bytes, int64_t groups_per_row, int64_t out_row_pairs,
                           uint32_t* __restrict__ out) {
-  __shared__ float code[16];
+  __shared__ float code[16], map[256];
+  static_assert(kDequantThreads == 256, "one thread per entry of the map");
   if (threadIdx.x < 16) code[threadIdx.x] = nf4_code[threadIdx.x];
+  map[threadIdx.x] = dynamic_map[threadIdx.x];
   __syncthreads();
   const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (j < full_groups) {
     const uint2 bytes = reinterpret_cast<const uint2*>(packed)[j];
-    const float absmax = dequantized_absmax(absmax_codes, nested_absmax, nested_offset, j * 2 * kDequantBytes);
+    const float absmax = dequantized_absmax(absmax_codes, nested_absmax, nested_offset, map, j * 2 * kDequantBytes);
     uint32_t pairs[kDequantBytes];
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
@@ -146,7 +148,7 @@ __global__ void __launch_bounds__(kDequantThreads)
   } else if (j < full_groups + tail_bytes) {
     const int64_t byte = full_groups * kDequantBytes + (j - full_groups);
     out[byte] = dequantize_byte(packed[byte],
-                                dequantized_absmax(absmax_codes, nested_absmax, nested_offset, 2 * byte), code);
+                                dequantized_absmax(absmax_codes, nested_absmax, nested_offset, map, 2 * byte), code);
   }
 }
 

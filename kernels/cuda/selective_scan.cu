@@ -5,7 +5,9 @@
 // so the per-token loads of u, delta, z, dout are coalesced across a warp and the token's B and C rows,
 // the same for every channel, are staged once per block in shared memory and read as broadcasts.
 //
-// Forward, three launches:
+// Forward, one launch (forward_pass_kernel, below): a block walks 32 channels of one sequence from the
+// first token to the last, 4 states of each channel per thread, writing the output and the states at
+// chunk ends. The chunked forward, three launches, serves the split forward (context parallelism):
 //   local    per chunk, the end state from a zero start (written into chunk_states), and the chunk's
 //            sum of delta (softplus(delta + bias), formed per token anyway) into the workspace;
 //   carry    per (batch, channel, state), sequentially over chunks:
@@ -41,6 +43,12 @@
 //     butterfly's shuffles, adds and selects; ~130 for recomputing states; the rest softplus and
 //     addressing) against ~100 MUFU cycles, so it is issue-bound, ~370 us. Backward ~500 us; fwd+bwd
 //     ~700 us against mamba-ssm's 1681 us.
+// The single-pass forward forms each exponential once instead of twice. ncu on its first version (base
+// clocks, 385 us): issue-bound at IPC 2.15 with 7.7 warps per SM, ~330 instructions per (t, d), mostly
+// per-token guards, 64-bit address arithmetic and the staging; without them (rows past the end step
+// harmlessly, tiles addressed by pointer increments) the bench shape went 313 -> 243 us, 1.38x mamba-ssm.
+// Its floor is the ~80 FP32/MUFU instructions per (t, d) of 16 state updates: ~60 us at IPC 3. Its
+// parallelism is batch * dim / 32 blocks: 160 for (1, 5120, 8192), fewer than two per SM, hence 946 us.
 // Measured (ncu, base clocks, before the workspace): forward local 160 us, carry 62, output 238, all three
 // latency-bound (half the stalls on global loads, occupancy 25-50%). Predicted after it: carry ~15-20 us
 // (35 MB instead of 68; 512 blocks of 256 threads at 58 registers all resident in one wave, where the old
@@ -59,9 +67,16 @@
 // Every per-token kernel is instantiated with and without documents (kDocs): without, it compiles to the
 // code it had before. initial_state enters where chunk 0's start state is read (and the forward carry
 // starts from it); d_final_state is the backward carry's start, and the carry that leaves chunk 0 is
-// d_initial_state. selective_scan_final_state is the forward's local kernel plus a combine that keeps only
-// the last state and the product of the chunk decays; selective_scan_initial_state_grad is the
-// backward's local and carry kernels without the states.
+// d_initial_state.
+//
+// Split in two (context parallelism). The forward's begin is its local and carry kernels from a zero
+// initial state, which leave every chunk's end state from a zero start, and a combine that reads the
+// last of them and multiplies the chunk decays (final_state, decay); its end adds an initial state h0
+// into the saved states, state[c] += (prod_{c' <= c} decay_c') * h0 (the states are linear in h0), and
+// runs the output kernel from h0. The backward's begin is its local and carry kernels with no gradient
+// arriving at the last state, whose carry out of chunk 0 is d_initial_state; its end adds the gradient g
+// that does arrive into the carries, carry_in[c] += (prod_{c' > c} decay_c') * g, and runs the chunk and
+// reduce kernels. Each half costs what it costs in the one-call op, plus one pass over the states.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -70,6 +85,7 @@
 #include <limits>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "kernels/cuda/check.h"
 #include "kernels/cuda/selective_scan.h"
@@ -337,8 +353,10 @@ __global__ void __launch_bounds__(kChannels, 8)
 // One thread per (batch, channel, state), states fastest as in chunk_states, so a warp reads and writes
 // 128 contiguous bytes: the chunks in order, with the delta sums the local kernel left. The inputs of
 // kCarryTile chunks are loaded before their chain of dependent updates, so their latencies overlap.
-// Starts from the initial state (i is its index too) or zero.
-template <bool kDocs>
+// Starts from the initial state (i is its index too) or zero. kIncoming (the split forward's end): the
+// saved states are already carried from a zero start, and the initial state h0 is added to them through
+// the decays, state[c] += (prod_{c' <= c} decay_c') * h0 (the states are linear in h0).
+template <bool kDocs, bool kIncoming>
 __global__ void __launch_bounds__(kFlatThreads)
     forward_carry_kernel(ScanArgs a, const float* sumdelta, float* chunk_states) {
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -349,6 +367,7 @@ __global__ void __launch_bounds__(kFlatThreads)
   const int64_t state_stride = a.dim * kState;  // from one chunk to the next
   float* state = chunk_states + state_index(a, b, 0, d) + n;
   const float* sum = sumdelta + sumdelta_index(a, b, 0, d);
+  // The state carried in; with kIncoming, h0 times the decays so far.
   float h = a.initial_state != nullptr ? __ldg(a.initial_state + i) : 0.0f;
   for (int64_t c0 = 0; c0 < a.num_chunks; c0 += kCarryTile) {
     const int count = int(min(int64_t(kCarryTile), a.num_chunks - c0));
@@ -363,8 +382,13 @@ __global__ void __launch_bounds__(kFlatThreads)
 #pragma unroll
     for (int j = 0; j < kCarryTile; ++j) {
       if (j < count) {
-        h = fmaf(chunk_decay<kDocs>(A2, tile_sum[j]), h, local[j]);
-        state[j * state_stride] = h;
+        if constexpr (kIncoming) {
+          h *= chunk_decay<kDocs>(A2, tile_sum[j]);
+          state[j * state_stride] = local[j] + h;
+        } else {
+          h = fmaf(chunk_decay<kDocs>(A2, tile_sum[j]), h, local[j]);
+          state[j * state_stride] = h;
+        }
       }
     }
     state += kCarryTile * state_stride;
@@ -395,6 +419,183 @@ __global__ void __launch_bounds__(kChannels, 6)
       });
 }
 
+// The one-call forward in a single pass over the sequence (forward_pass_kernel). A block owns 32
+// channels of one sequence for its whole length: lane l the channel, warp w its states 4w .. 4w+3, so the
+// 16 exponentials of a (token, channel) are formed once, against twice in the chunked local + output
+// kernels, and 4 warps share the work of one channel. Tiles of kPassTile tokens are staged in shared
+// memory (B, C rows and, per channel, softplus(delta + bias), delta * u, u, z), the next tile's global
+// loads in flight in registers while the current one is scanned; each warp leaves its 4-state share of
+// y per token, and after a barrier every thread adds the shares of kPassTile / 4 tokens, the D skip and
+// the gate, and writes out. The state is written at every chunk's last token (chunk_states, as the chunked
+// kernels leave them). Parallel over batch * dim / 32 blocks only: the training shapes have thousands.
+constexpr int kPassWarps = 4;
+constexpr int kPassStates = kState / kPassWarps;          // states of a channel per thread
+constexpr int kPassTile = 32;                             // tokens staged at a time
+constexpr int kPassTokens = kPassTile / kPassWarps;       // tokens a thread stages and reduces per tile
+constexpr int kPassGroup = 4;                             // tokens scanned together
+
+struct alignas(16) PassTile {  // 16: its rows are read as float4, in both tiles
+  float bc[kPassTile][2 * kState];  // B | C rows
+  float dt[kPassTile][32];          // softplus(delta + bias)
+  float du[kPassTile][32];          // dt * u
+  __nv_bfloat16 u[kPassTile][32], z[kPassTile][32];
+  uint32_t starts;  // bit t: a document starts at token t (kPassTile == 32 bits)
+};
+static_assert(kPassTile == 32, "one bit of PassTile::starts per token");
+struct PassShared {
+  PassTile tiles[2];                  // the tile being scanned and the next
+  float y[kPassWarps][kPassTile][32];  // each warp's share of y
+};
+
+// A thread's share of a tile's global loads: tokens w, w + 4, ... (its warp w), column or channel its lane.
+struct PassLoads {
+  __nv_bfloat16 bc[kPassTokens], u[kPassTokens], delta[kPassTokens], z[kPassTokens];
+  bool start = false;
+};
+
+// Loads the tile whose first row (b * len + first token) is row0 and which holds count tokens; bc_column
+// is this lane's column of the B | C rows.
+template <bool kDocs>
+__device__ __forceinline__ PassLoads pass_load(const ScanArgs& a, const __nv_bfloat16* bc_column, int64_t row0,
+                                               int count, int d, bool active) {
+  const int w = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const __nv_bfloat16 zero = __float2bfloat16_rn(0.0f);
+  const int64_t row = row0 + w;
+  const __nv_bfloat16* bc = bc_column + row * a.bc_stride;
+  const __nv_bfloat16* u = a.u + row * a.dim + d;
+  const __nv_bfloat16* delta = a.delta + row * a.dim + d;
+  const __nv_bfloat16* z = a.z + row * a.z_stride + d;
+  PassLoads r;
+#pragma unroll
+  for (int k = 0; k < kPassTokens; ++k) {
+    const bool inside = w + kPassWarps * k < count;
+    r.bc[k] = inside ? __ldg(bc) : zero;
+    r.u[k] = inside && active ? __ldg(u) : zero;
+    r.delta[k] = inside && active ? __ldg(delta) : zero;
+    r.z[k] = inside && active ? __ldg(z) : zero;
+    bc += kPassWarps * a.bc_stride;
+    u += kPassWarps * a.dim;
+    delta += kPassWarps * a.dim;
+    z += kPassWarps * a.z_stride;
+  }
+  if (kDocs && w == 0 && lane < count) r.start = __ldg(a.doc_start + row0 + lane) == row0 % a.len + lane;
+  return r;
+}
+
+template <bool kDocs>
+__device__ __forceinline__ void pass_store(const PassLoads& r, float bias, PassTile& tile) {
+  const int w = threadIdx.x / 32, lane = threadIdx.x % 32;
+#pragma unroll
+  for (int k = 0; k < kPassTokens; ++k) {
+    const int t = w + kPassWarps * k;
+    const float dt = softplus(__bfloat162float(r.delta[k]) + bias);
+    tile.bc[t][lane] = __bfloat162float(r.bc[k]);
+    tile.dt[t][lane] = dt;
+    tile.du[t][lane] = dt * __bfloat162float(r.u[k]);
+    tile.u[t][lane] = r.u[k];
+    tile.z[t][lane] = r.z[k];
+  }
+  if (kDocs && w == 0) {
+    const uint32_t starts = __ballot_sync(0xffffffffu, r.start);
+    if (lane == 0) tile.starts = starts;
+  }
+}
+
+template <bool kDocs>
+__global__ void __launch_bounds__(kPassWarps * 32)
+    forward_pass_kernel(ScanArgs a, float* chunk_states, __nv_bfloat16* out) {
+  extern __shared__ __align__(16) unsigned char pass_memory[];
+  PassShared& shared = *reinterpret_cast<PassShared*>(pass_memory);
+  const int w = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t channel_blocks = (a.dim + 31) / 32;
+  const int64_t b = blockIdx.x / channel_blocks;
+  const int d = int(blockIdx.x % channel_blocks) * 32 + lane;
+  const bool active = d < a.dim;
+  const int first_state = kPassStates * w;
+  float A2[kPassStates], h[kPassStates];
+#pragma unroll
+  for (int n = 0; n < kPassStates; ++n) {
+    A2[n] = active ? __ldg(a.A + int64_t(d) * kState + first_state + n) * kLog2e : 0.0f;
+    h[n] = active && a.initial_state != nullptr ? __ldg(a.initial_state + (b * a.dim + d) * kState + first_state + n)
+                                                : 0.0f;
+  }
+  const float bias = active ? __ldg(a.delta_bias + d) : 0.0f;
+  const float Dskip = active && a.Dskip != nullptr ? __ldg(a.Dskip + d) : 0.0f;
+
+  const __nv_bfloat16* bc_column = lane < kState ? a.B + lane : a.C + (lane - kState);
+  const int64_t first_row = b * a.len, tiles = (a.len + kPassTile - 1) / kPassTile;
+  auto tile_count = [&](int64_t k) { return int(min(int64_t(kPassTile), a.len - k * kPassTile)); };
+  PassLoads next = pass_load<kDocs>(a, bc_column, first_row, tile_count(0), d, active);
+  pass_store<kDocs>(next, bias, shared.tiles[0]);
+  if (tiles > 1) next = pass_load<kDocs>(a, bc_column, first_row + kPassTile, tile_count(1), d, active);
+  __syncthreads();
+  int64_t chunk = 0, chunk_last = min(a.chunk_len, a.len) - 1;  // the token whose state chunk_states keeps next
+  for (int64_t k = 0; k < tiles; ++k) {
+    const PassTile& tile = shared.tiles[k & 1];
+    const int64_t t0 = k * kPassTile;
+    const int count = tile_count(k);
+    int tile_chunk_last = int(min(chunk_last - t0, int64_t(kPassTile)));  // kPassTile: not in this tile
+    const uint32_t starts = kDocs ? tile.starts : 0u;
+    // kPassGroup tokens at a time: their loads and their exponentials, which do not depend on the state,
+    // issue together ahead of the chain of state updates. The last tile's rows past count hold zeros for
+    // u, B and C: stepping through them changes neither a saved state nor an output.
+    for (int t_group = 0; t_group < count; t_group += kPassGroup) {
+      float dt[kPassGroup], du[kPassGroup], decay[kPassGroup][kPassStates];
+      float4 B[kPassGroup], C[kPassGroup];
+#pragma unroll
+      for (int j = 0; j < kPassGroup; ++j) {
+        const int t = t_group + j;
+        dt[j] = tile.dt[t][lane];
+        du[j] = tile.du[t][lane];
+        B[j] = *reinterpret_cast<const float4*>(&tile.bc[t][first_state]);
+        C[j] = *reinterpret_cast<const float4*>(&tile.bc[t][kState + first_state]);
+      }
+#pragma unroll
+      for (int j = 0; j < kPassGroup; ++j)
+#pragma unroll
+        for (int n = 0; n < kPassStates; ++n) decay[j][n] = exp2_approx(dt[j] * A2[n]);
+#pragma unroll
+      for (int j = 0; j < kPassGroup; ++j) {
+        const int t = t_group + j;
+        if (kDocs && (starts >> t & 1u)) {
+#pragma unroll
+          for (int n = 0; n < kPassStates; ++n) h[n] = 0.0f;
+        }
+        h[0] = fmaf(decay[j][0], h[0], B[j].x * du[j]);
+        h[1] = fmaf(decay[j][1], h[1], B[j].y * du[j]);
+        h[2] = fmaf(decay[j][2], h[2], B[j].z * du[j]);
+        h[3] = fmaf(decay[j][3], h[3], B[j].w * du[j]);
+        shared.y[w][t][lane] = fmaf(C[j].w, h[3], fmaf(C[j].z, h[2], fmaf(C[j].y, h[1], C[j].x * h[0])));
+        if (t == tile_chunk_last) {
+          if (active)
+            *reinterpret_cast<float4*>(chunk_states + state_index(a, b, chunk, d) + first_state) =
+                make_float4(h[0], h[1], h[2], h[3]);
+          ++chunk;
+          chunk_last = min(chunk_last + a.chunk_len, a.len - 1);
+          tile_chunk_last = int(min(chunk_last - t0, int64_t(kPassTile)));
+        }
+      }
+    }
+    __syncthreads();  // every warp's share of y is in
+#pragma unroll
+    for (int j = 0; j < kPassTokens; ++j) {
+      const int t = w + kPassWarps * j;
+      if (t < count && active) {
+        float y = shared.y[0][t][lane] + shared.y[1][t][lane] + shared.y[2][t][lane] + shared.y[3][t][lane];
+        y = fmaf(Dskip, __bfloat162float(tile.u[t][lane]), y);
+        const float z = __bfloat162float(tile.z[t][lane]);
+        out[(b * a.len + t0 + t) * a.out_stride + d] = __float2bfloat16_rn(y * (z * sigmoid(z)));
+      }
+    }
+    if (k + 1 < tiles) {  // the other buffer's last readers finished before the previous barrier
+      pass_store<kDocs>(next, bias, shared.tiles[(k + 1) & 1]);
+      if (k + 2 < tiles)
+        next = pass_load<kDocs>(a, bc_column, first_row + (k + 2) * kPassTile, tile_count(k + 2), d, active);
+    }
+    __syncthreads();
+  }
+}
+
 __device__ __forceinline__ int64_t carry_index(const ScanArgs& a, int64_t b, int64_t c, int n, int d) {
   return ((b * a.num_chunks + c) * kState + n) * a.dim + d;
 }
@@ -406,9 +607,9 @@ __device__ __forceinline__ int64_t checkpoint_index(const ScanArgs& a, const Bac
 
 // dh carried out of a chunk (into its first token's predecessor) from a zero carry in:
 // sum over t of P_t * dy_t * C_t with P_t = prod_{s = t0..t} exp(delta_s * A), dy_t = dout_t * silu(z_t)
-// (P_t = 0 from a document start on). With kStates (the backward) it also walks the states from the saved
-// start state, writing the checkpoints; without (selective_scan_initial_state_grad) it reads no u, no B.
-template <bool kDocs, bool kStates>
+// (P_t = 0 from a document start on). It also walks the states from the saved start state, writing the
+// checkpoints.
+template <bool kDocs>
 __global__ void __launch_bounds__(kChannels, 4)
     backward_local_kernel(ScanArgs a, const float* chunk_states, const __nv_bfloat16* dout, BackwardWorkspace w) {
   __shared__ __align__(16) float rows[kTile][2 * kState];
@@ -416,7 +617,7 @@ __global__ void __launch_bounds__(kChannels, 4)
   const ChunkBlock blk = chunk_block(a);
   const Channel ch = load_channel(a, blk.dim_block * kChannels + threadIdx.x);
   float h[kState], decay_product[kState], carry[kState];
-  if (kStates) load_chunk_start(a, chunk_states, blk, ch, h);
+  load_chunk_start(a, chunk_states, blk, ch, h);
 #pragma unroll
   for (int n = 0; n < kState; ++n) {
     decay_product[n] = 1.0f;
@@ -424,18 +625,18 @@ __global__ void __launch_bounds__(kChannels, 4)
   }
   float sumdelta = 0.0f;
   bool restarted = false;
-  constexpr unsigned kIn = kInC | kInZ | kInDout | (kStates ? kInB | kInU : 0u) | kInStartsIf<kDocs>;
+  constexpr unsigned kIn = kInB | kInC | kInU | kInZ | kInDout | kInStartsIf<kDocs>;
   walk_chunk<kGroup, kIn>(
       a, blk, ch, dout, rows, starts,
       [&](int64_t t, const Tokens<kGroup>& x, int k, const float* bc_row, bool starts_here) {
         const int local_t = int(t - blk.t0);
-        if (kStates && local_t % kSegment == 0 && local_t > 0 && ch.active) {
+        if (local_t % kSegment == 0 && local_t > 0 && ch.active) {
 #pragma unroll
           for (int n = 0; n < kState; ++n)
             w.checkpoints[checkpoint_index(a, w, blk.b, blk.c, local_t / kSegment - 1, n, ch.d)] = h[n];
         }
         float B[kState], C[kState];
-        if (kStates) load_row(bc_row, B);
+        load_row(bc_row, B);
         load_row(bc_row + kState, C);
         const float dt = softplus(x.pre[k]);
         sumdelta += dt;
@@ -452,7 +653,7 @@ __global__ void __launch_bounds__(kChannels, 4)
 #pragma unroll
         for (int n = 0; n < kState; ++n) {
           const float decay = exp2_approx(dt * ch.A2[n]);
-          if (kStates) h[n] = fmaf(decay, h[n], B[n] * du);
+          h[n] = fmaf(decay, h[n], B[n] * du);
           decay_product[n] *= decay;
           carry[n] = fmaf(decay_product[n], dy * C[n], carry[n]);
         }
@@ -654,28 +855,42 @@ __global__ void __launch_bounds__(kFlatThreads)
   target[row * bc_stride] = __float2bfloat16_rn(sum);
 }
 
-// selective_scan_final_state's combine, one thread per (batch, channel, state) as the forward carry: the
-// chunks' end states from a zero start (the local kernel's) carried across the chunks from a zero initial
-// state, keeping only the last, and the product of the chunk decays. i indexes final_state and decay.
+// The forward's begin, after its carry: one thread per (batch, channel, state) as the forward carry, i
+// indexing final_state and decay. final_state = the last chunk's end state from a zero start, decay = the
+// product of the chunk decays (1 for an empty sequence, whose final state is the initial one).
 template <bool kDocs>
 __global__ void __launch_bounds__(kFlatThreads)
-    final_state_kernel(ScanArgs a, const float* sumdelta, const float* local_states, float* final_state, float* decay) {
+    zero_start_final_kernel(ScanArgs a, const float* sumdelta, const float* chunk_states, float* final_state,
+                            float* decay) {
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= a.batch * a.dim * kState) return;
   const int n = int(i % kState), d = int(i / kState % a.dim);
   const int64_t b = i / (a.dim * kState);
   const float A2 = __ldg(a.A + int64_t(d) * kState + n) * kLog2e;
-  const float* state = local_states + state_index(a, b, 0, d) + n;
   const float* sum = sumdelta + sumdelta_index(a, b, 0, d);
-  float h = 0.0f, product = 1.0f;
+  float product = 1.0f;
 #pragma unroll 8
-  for (int64_t c = 0; c < a.num_chunks; ++c) {
-    const float chunk = chunk_decay<kDocs>(A2, __ldg(sum + c * a.dim));
-    h = fmaf(chunk, h, __ldg(state + c * a.dim * kState));
-    product *= chunk;
-  }
-  final_state[i] = h;
+  for (int64_t c = 0; c < a.num_chunks; ++c) product *= chunk_decay<kDocs>(A2, __ldg(sum + c * a.dim));
+  final_state[i] = a.num_chunks > 0 ? chunk_states[state_index(a, b, a.num_chunks - 1, d) + n] : 0.0f;
   decay[i] = product;
+}
+
+// The backward's end: the carries into each chunk's last token, computed with no gradient arriving at
+// h_{len-1}, receive that gradient g through the decays of the chunks after it: carry_in[c] +=
+// (prod_{c' > c} decay_c') * g. One thread per (batch, state, channel) as the backward carry.
+template <bool kDocs>
+__global__ void __launch_bounds__(kFlatThreads)
+    incoming_grad_kernel(ScanArgs a, BackwardWorkspace w, const float* d_final_state) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= a.batch * kState * a.dim) return;
+  const int d = int(i % a.dim), n = int(i / a.dim % kState);
+  const int64_t b = i / (a.dim * kState);
+  const float A2 = __ldg(a.A + int64_t(d) * kState + n) * kLog2e;
+  float carried = __ldg(d_final_state + (b * a.dim + d) * kState + n);  // g times the decays so far
+  for (int64_t c = a.num_chunks - 1; c >= 0; --c) {
+    w.carry[carry_index(a, b, c, n, d)] += carried;
+    carried *= chunk_decay<kDocs>(A2, w.sumdelta[sumdelta_index(a, b, c, d)]);
+  }
 }
 
 // Offsets (in floats) of the backward workspace's arrays, each starting on a 256-byte boundary.
@@ -744,68 +959,77 @@ unsigned state_grid(const ScanArgs& a, const char* op) {
   return grid_size((a.batch * a.dim * kState + kFlatThreads - 1) / kFlatThreads, op);
 }
 
-// Offsets (in floats) of selective_scan_final_state's workspace: the chunks' local end states, then their
-// delta sums.
-struct FinalStateLayout {
-  int64_t states, sumdelta, total;
-};
-FinalStateLayout final_state_layout(const cpu::SelectiveScanShape& s) {
-  const int64_t chunks = cpu::selective_scan_num_chunks(s);
-  FinalStateLayout l;
-  l.states = 0;
-  l.sumdelta = round_up_256_bytes(s.batch * chunks * s.dim * kState);
-  l.total = l.sumdelta + round_up_256_bytes(s.batch * chunks * s.dim);
-  return l;
+// Runs launch(std::true_type) with document starts, launch(std::false_type) without: the two
+// instantiations of every per-token kernel.
+template <typename Launch>
+void with_documents(const int32_t* doc_start, Launch&& launch) {
+  if (doc_start != nullptr)
+    launch(std::true_type{});
+  else
+    launch(std::false_type{});
 }
 
+void check_launch(const char* op, const char* kernel) {
+  const cudaError_t status = cudaGetLastError();
+  if (status != cudaSuccess) SSMTUNE_CUDA_CHECK(status, (std::string(op) + " " + kernel + " launch").c_str());
+}
+
+// The forward's local and carry kernels: every chunk's end state from a.initial_state (or zero), and the
+// chunks' delta sums in sumdelta.
 template <bool kDocs>
-void launch_forward(const ScanArgs& a, float* chunk_states, float* sumdelta, __nv_bfloat16* out, cudaStream_t st) {
-  constexpr const char* kOp = "selective_scan_forward";
-  forward_local_kernel<kDocs><<<chunk_grid(a, kOp), kChannels, 0, st>>>(a, chunk_states, sumdelta);
-  SSMTUNE_CUDA_CHECK(cudaGetLastError(), "selective_scan_forward local launch");
+void launch_forward_states(const ScanArgs& a, float* chunk_states, float* sumdelta, cudaStream_t st, const char* op) {
+  if (a.num_chunks == 0) return;
+  forward_local_kernel<kDocs><<<chunk_grid(a, op), kChannels, 0, st>>>(a, chunk_states, sumdelta);
+  check_launch(op, "local");
   // A single chunk's local end state is already the true one, unless an initial state flows in.
   if (a.num_chunks > 1 || a.initial_state != nullptr) {
-    forward_carry_kernel<kDocs><<<state_grid(a, kOp), kFlatThreads, 0, st>>>(a, sumdelta, chunk_states);
-    SSMTUNE_CUDA_CHECK(cudaGetLastError(), "selective_scan_forward carry launch");
+    forward_carry_kernel<kDocs, false><<<state_grid(a, op), kFlatThreads, 0, st>>>(a, sumdelta, chunk_states);
+    check_launch(op, "carry");
   }
-  forward_output_kernel<kDocs><<<chunk_grid(a, kOp), kChannels, 0, st>>>(a, chunk_states, out);
-  SSMTUNE_CUDA_CHECK(cudaGetLastError(), "selective_scan_forward output launch");
 }
 
 template <bool kDocs>
-void launch_backward(const ScanArgs& a, const float* chunk_states, const __nv_bfloat16* dout, const BackwardWorkspace& w,
-                     const Gradients& g, const float* d_final_state, float* d_initial_state, cudaStream_t st) {
-  constexpr const char* kOp = "selective_scan_backward";
-  backward_local_kernel<kDocs, true><<<chunk_grid(a, kOp), kChannels, 0, st>>>(a, chunk_states, dout, w);
-  SSMTUNE_CUDA_CHECK(cudaGetLastError(), "selective_scan_backward local launch");
-  backward_carry_kernel<kDocs><<<state_grid(a, kOp), kFlatThreads, 0, st>>>(a, w, d_final_state, d_initial_state);
-  SSMTUNE_CUDA_CHECK(cudaGetLastError(), "selective_scan_backward carry launch");
-  backward_chunk_kernel<kDocs><<<chunk_grid(a, kOp), kChannels, 0, st>>>(a, chunk_states, dout, w, g);
-  SSMTUNE_CUDA_CHECK(cudaGetLastError(), "selective_scan_backward chunk launch");
+void launch_forward_output(const ScanArgs& a, const float* chunk_states, __nv_bfloat16* out, cudaStream_t st,
+                           const char* op) {
+  forward_output_kernel<kDocs><<<chunk_grid(a, op), kChannels, 0, st>>>(a, chunk_states, out);
+  check_launch(op, "output");
 }
 
-template <bool kDocs>
-void launch_final_state(const ScanArgs& a, float* local_states, float* sumdelta, float* final_state, float* decay,
-                        cudaStream_t st) {
-  constexpr const char* kOp = "selective_scan_final_state";
-  if (a.num_chunks > 0) {
-    forward_local_kernel<kDocs><<<chunk_grid(a, kOp), kChannels, 0, st>>>(a, local_states, sumdelta);
-    SSMTUNE_CUDA_CHECK(cudaGetLastError(), "selective_scan_final_state local launch");
-  }
-  final_state_kernel<kDocs><<<state_grid(a, kOp), kFlatThreads, 0, st>>>(a, sumdelta, local_states, final_state, decay);
-  SSMTUNE_CUDA_CHECK(cudaGetLastError(), "selective_scan_final_state combine launch");
+// The backward's local and carry kernels: w.carry holds the dh carried into each chunk's last token, from
+// d_final_state (or zero); d_initial_state (when not null) the gradient w.r.t. h_{-1}. A sequence of no
+// tokens passes d_final_state straight through.
+void launch_backward_carries(const ScanArgs& a, const float* chunk_states, const __nv_bfloat16* dout,
+                             const BackwardWorkspace& w, const int32_t* doc_start, const float* d_final_state,
+                             float* d_initial_state, cudaStream_t st, const char* op) {
+  if (a.dim == 0 || (a.len == 0 && d_initial_state == nullptr)) return;
+  with_documents(a.len > 0 ? doc_start : nullptr, [&](auto documents) {
+    constexpr bool kDocs = decltype(documents)::value;
+    if (a.len > 0) {
+      backward_local_kernel<kDocs><<<chunk_grid(a, op), kChannels, 0, st>>>(a, chunk_states, dout, w);
+      check_launch(op, "local");
+    }
+    backward_carry_kernel<kDocs><<<state_grid(a, op), kFlatThreads, 0, st>>>(a, w, d_final_state, d_initial_state);
+    check_launch(op, "carry");
+  });
 }
 
-template <bool kDocs>
-void launch_initial_state_grad(const ScanArgs& a, const __nv_bfloat16* dout, const BackwardWorkspace& w,
-                               float* d_initial_state, cudaStream_t st) {
-  constexpr const char* kOp = "selective_scan_initial_state_grad";
-  if (a.num_chunks > 0) {
-    backward_local_kernel<kDocs, false><<<chunk_grid(a, kOp), kChannels, 0, st>>>(a, nullptr, dout, w);
-    SSMTUNE_CUDA_CHECK(cudaGetLastError(), "selective_scan_initial_state_grad local launch");
+// The backward's chunk and reduce kernels, from the carries in w: du, ddelta, dz, dB, dC.
+void launch_backward_gradients(const ScanArgs& a, const float* chunk_states, const __nv_bfloat16* dout,
+                               const BackwardWorkspace& w, const int32_t* doc_start, const Gradients& g,
+                               __nv_bfloat16* dB, __nv_bfloat16* dC, cudaStream_t st, const char* op) {
+  if (a.len > 0 && a.dim > 0) {
+    with_documents(doc_start, [&](auto documents) {
+      backward_chunk_kernel<decltype(documents)::value><<<chunk_grid(a, op), kChannels, 0, st>>>(a, chunk_states,
+                                                                                                   dout, w, g);
+    });
+    check_launch(op, "chunk");
   }
-  backward_carry_kernel<kDocs><<<state_grid(a, kOp), kFlatThreads, 0, st>>>(a, w, nullptr, d_initial_state);
-  SSMTUNE_CUDA_CHECK(cudaGetLastError(), "selective_scan_initial_state_grad carry launch");
+  // With dim == 0 there are no partial sums and dB, dC are written as zeros, as the CPU reference does.
+  const int64_t rows = a.batch * a.len;
+  if (rows == 0) return;
+  const unsigned reduce_blocks = grid_size((rows * 2 * kState + kFlatThreads - 1) / kFlatThreads, op);
+  reduce_bc_kernel<<<reduce_blocks, kFlatThreads, 0, st>>>(w.partials, a.dim_blocks, rows, a.bc_stride, dB, dC);
+  check_launch(op, "reduce");
 }
 
 BackwardWorkspace backward_workspace(const WorkspaceLayout& l, void* workspace) {
@@ -828,35 +1052,100 @@ size_t selective_scan_backward_workspace_bytes(const cpu::SelectiveScanShape& s)
   return static_cast<size_t>(workspace_layout(s).total) * sizeof(float);
 }
 
-size_t selective_scan_final_state_workspace_bytes(const cpu::SelectiveScanShape& s) {
-  check_shape(s, "selective_scan_final_state_workspace_bytes");
-  return static_cast<size_t>(final_state_layout(s).total) * sizeof(float);
+namespace {
+
+void check_out_stride(const cpu::SelectiveScanShape& s, int64_t out_row_stride, const char* op) {
+  if (out_row_stride < s.dim)
+    throw std::invalid_argument(std::string(op) + ": out_row_stride " + std::to_string(out_row_stride) +
+                                " is smaller than dim " + std::to_string(s.dim));
 }
 
-// The backward's carry and sumdelta arrays, which begin its layout.
-size_t selective_scan_initial_state_grad_workspace_bytes(const cpu::SelectiveScanShape& s) {
-  check_shape(s, "selective_scan_initial_state_grad_workspace_bytes");
-  return static_cast<size_t>(workspace_layout(s).checkpoints) * sizeof(float);
+// ScanForwardPath::automatic: the single pass takes its busiest SM's blocks times the length, so it needs
+// enough blocks, spread evenly (one block per SM leaves each scheduler a single warp to issue from).
+bool single_pass_fills_gpu(const ScanArgs& a) {
+  int device = 0, sms = 0;
+  SSMTUNE_CUDA_CHECK(cudaGetDevice(&device), "selective_scan_forward");
+  SSMTUNE_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "selective_scan_forward");
+  const int64_t blocks = a.batch * ((a.dim + 31) / 32);
+  const int64_t busiest = (blocks + sms - 1) / sms;  // blocks on the busiest SM
+  return 2 * blocks >= 3 * int64_t(sms) && 4 * busiest * sms <= 5 * blocks;
 }
+
+}  // namespace
 
 void selective_scan_forward(const cpu::SelectiveScanShape& s, const uint16_t* u, const uint16_t* delta,
                             const float* delta_bias, const float* A, const uint16_t* B, const uint16_t* C,
                             int64_t bc_row_stride, const float* Dskip, const uint16_t* z, int64_t z_row_stride,
                             uint16_t* out, int64_t out_row_stride, float* chunk_states, void* workspace,
-                            const int32_t* doc_start, const float* initial_state, void* stream) {
-  check_shape(s, "selective_scan_forward");
-  if (out_row_stride < s.dim)
-    throw std::invalid_argument("selective_scan_forward: out_row_stride " + std::to_string(out_row_stride) +
-                                " is smaller than dim " + std::to_string(s.dim));
+                            const int32_t* doc_start, const float* initial_state, void* stream,
+                            ScanForwardPath path) {
+  constexpr const char* kOp = "selective_scan_forward";
+  check_shape(s, kOp);
+  check_out_stride(s, out_row_stride, kOp);
   if (s.batch == 0 || s.len == 0 || s.dim == 0) return;
   const ScanArgs a = scan_args(s, u, delta, delta_bias, A, B, C, bc_row_stride, Dskip, z, z_row_stride, out_row_stride,
                                doc_start, initial_state);
   const cudaStream_t st = static_cast<cudaStream_t>(stream);
+  const bool single_pass = path == ScanForwardPath::single_pass ||
+                           (path == ScanForwardPath::automatic && single_pass_fills_gpu(a));
+  with_documents(doc_start, [&](auto documents) {
+    constexpr bool kDocs = decltype(documents)::value;
+    if (single_pass) {
+      constexpr auto kernel = forward_pass_kernel<kDocs>;
+      constexpr int bytes = sizeof(PassShared);  // over the 48 KiB a block gets without asking
+      SSMTUNE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes), kOp);
+      kernel<<<grid_size(a.batch * ((a.dim + 31) / 32), kOp), kPassWarps * 32, bytes, st>>>(a, chunk_states,
+                                                                                              bf16(out));
+      check_launch(kOp, "pass");
+    } else {
+      launch_forward_states<kDocs>(a, chunk_states, static_cast<float*>(workspace), st, kOp);
+      launch_forward_output<kDocs>(a, chunk_states, bf16(out), st, kOp);
+    }
+  });
+}
+
+void selective_scan_forward_begin(const cpu::SelectiveScanShape& s, const uint16_t* u, const uint16_t* delta,
+                                  const float* delta_bias, const float* A, const uint16_t* B, int64_t bc_row_stride,
+                                  float* chunk_states, void* workspace, const int32_t* doc_start, float* final_state,
+                                  float* decay, void* stream) {
+  constexpr const char* kOp = "selective_scan_forward_begin";
+  check_shape(s, kOp);
+  if (s.batch == 0 || s.dim == 0) return;
+  // The states' reads only: u, delta, B (no C, z, Dskip, output), from a zero initial state.
+  const ScanArgs a = scan_args(s, u, delta, delta_bias, A, B, nullptr, bc_row_stride, nullptr, nullptr, 0, s.dim,
+                               doc_start, nullptr);
+  const cudaStream_t st = static_cast<cudaStream_t>(stream);
   float* sumdelta = static_cast<float*>(workspace);
-  if (doc_start != nullptr)
-    launch_forward<true>(a, chunk_states, sumdelta, bf16(out), st);
-  else
-    launch_forward<false>(a, chunk_states, sumdelta, bf16(out), st);
+  with_documents(doc_start, [&](auto documents) {
+    constexpr bool kDocs = decltype(documents)::value;
+    launch_forward_states<kDocs>(a, chunk_states, sumdelta, st, kOp);
+    zero_start_final_kernel<kDocs><<<state_grid(a, kOp), kFlatThreads, 0, st>>>(a, sumdelta, chunk_states,
+                                                                               final_state, decay);
+    check_launch(kOp, "final state");
+  });
+}
+
+void selective_scan_forward_end(const cpu::SelectiveScanShape& s, const uint16_t* u, const uint16_t* delta,
+                                const float* delta_bias, const float* A, const uint16_t* B, const uint16_t* C,
+                                int64_t bc_row_stride, const float* Dskip, const uint16_t* z, int64_t z_row_stride,
+                                uint16_t* out, int64_t out_row_stride, float* chunk_states, void* workspace,
+                                const int32_t* doc_start, const float* initial_state, void* stream) {
+  constexpr const char* kOp = "selective_scan_forward_end";
+  check_shape(s, kOp);
+  check_out_stride(s, out_row_stride, kOp);
+  if (s.batch == 0 || s.len == 0 || s.dim == 0) return;
+  const ScanArgs a = scan_args(s, u, delta, delta_bias, A, B, C, bc_row_stride, Dskip, z, z_row_stride, out_row_stride,
+                               doc_start, initial_state);
+  const cudaStream_t st = static_cast<cudaStream_t>(stream);
+  with_documents(doc_start, [&](auto documents) {
+    constexpr bool kDocs = decltype(documents)::value;
+    if (initial_state != nullptr) {
+      forward_carry_kernel<kDocs, true><<<state_grid(a, kOp), kFlatThreads, 0, st>>>(
+          a, static_cast<const float*>(workspace), chunk_states);
+      check_launch(kOp, "incoming state");
+    }
+    launch_forward_output<kDocs>(a, chunk_states, bf16(out), st, kOp);
+  });
 }
 
 void selective_scan_backward(const cpu::SelectiveScanShape& s, const uint16_t* u, const uint16_t* delta,
@@ -873,62 +1162,49 @@ void selective_scan_backward(const cpu::SelectiveScanShape& s, const uint16_t* u
                                doc_start, initial_state);
   const cudaStream_t st = static_cast<cudaStream_t>(stream);
   const BackwardWorkspace w = backward_workspace(workspace_layout(s), workspace);
-  if (s.len == 0) {  // no tokens: the gradient arriving at h_{len-1} = h_{-1} passes straight through the carry
-    if (s.dim > 0 && d_initial_state != nullptr) {
-      backward_carry_kernel<false><<<state_grid(a, kOp), kFlatThreads, 0, st>>>(a, w, d_final_state, d_initial_state);
-      SSMTUNE_CUDA_CHECK(cudaGetLastError(), "selective_scan_backward carry launch");
-    }
-    return;
-  }
-  if (s.dim > 0) {
-    const Gradients g{bf16(du), bf16(ddelta), bf16(dz)};
-    if (doc_start != nullptr)
-      launch_backward<true>(a, chunk_states, bf16(dout), w, g, d_final_state, d_initial_state, st);
-    else
-      launch_backward<false>(a, chunk_states, bf16(dout), w, g, d_final_state, d_initial_state, st);
-  }
-  // With dim == 0 there are no partial sums and dB, dC are written as zeros, as the CPU reference does.
-  const int64_t rows = s.batch * s.len;
-  const unsigned reduce_blocks = grid_size((rows * 2 * kState + kFlatThreads - 1) / kFlatThreads, kOp);
-  reduce_bc_kernel<<<reduce_blocks, kFlatThreads, 0, st>>>(w.partials, a.dim_blocks, rows, bc_row_stride, bf16(dB),
-                                                           bf16(dC));
-  SSMTUNE_CUDA_CHECK(cudaGetLastError(), "selective_scan_backward reduce launch");
+  launch_backward_carries(a, chunk_states, bf16(dout), w, doc_start, d_final_state, d_initial_state, st, kOp);
+  launch_backward_gradients(a, chunk_states, bf16(dout), w, doc_start, {bf16(du), bf16(ddelta), bf16(dz)}, bf16(dB),
+                            bf16(dC), st, kOp);
 }
 
-void selective_scan_final_state(const cpu::SelectiveScanShape& s, const uint16_t* u, const uint16_t* delta,
-                                const float* delta_bias, const float* A, const uint16_t* B, int64_t bc_row_stride,
-                                const int32_t* doc_start, float* final_state, float* decay, void* workspace,
-                                void* stream) {
-  check_shape(s, "selective_scan_final_state");
-  if (s.batch == 0 || s.dim == 0) return;
-  // Only the local kernel's reads: u, delta, B (no C, z, Dskip, output).
-  const ScanArgs a = scan_args(s, u, delta, delta_bias, A, B, nullptr, bc_row_stride, nullptr, nullptr, 0, s.dim,
-                               doc_start, nullptr);
-  const FinalStateLayout l = final_state_layout(s);
-  float* base = static_cast<float*>(workspace);
-  const cudaStream_t st = static_cast<cudaStream_t>(stream);
-  if (doc_start != nullptr)
-    launch_final_state<true>(a, base + l.states, base + l.sumdelta, final_state, decay, st);
-  else
-    launch_final_state<false>(a, base + l.states, base + l.sumdelta, final_state, decay, st);
-}
-
-void selective_scan_initial_state_grad(const cpu::SelectiveScanShape& s, const uint16_t* delta,
-                                       const float* delta_bias, const float* A, const uint16_t* C,
-                                       int64_t bc_row_stride, const uint16_t* z, int64_t z_row_stride,
-                                       const uint16_t* dout, const int32_t* doc_start, float* d_initial_state,
-                                       void* workspace, void* stream) {
-  check_shape(s, "selective_scan_initial_state_grad");
-  if (s.batch == 0 || s.dim == 0) return;
-  // No u, B, Dskip: the reverse recurrence of dh reads only delta, C, z and dout.
-  const ScanArgs a = scan_args(s, nullptr, delta, delta_bias, A, nullptr, C, bc_row_stride, nullptr, z, z_row_stride,
-                               s.dim, doc_start, nullptr);
+void selective_scan_backward_begin(const cpu::SelectiveScanShape& s, const uint16_t* u, const uint16_t* delta,
+                                   const float* delta_bias, const float* A, const uint16_t* B, const uint16_t* C,
+                                   int64_t bc_row_stride, const uint16_t* z, int64_t z_row_stride,
+                                   const float* chunk_states, const uint16_t* dout, void* workspace,
+                                   const int32_t* doc_start, const float* initial_state, float* d_initial_state,
+                                   void* stream) {
+  constexpr const char* kOp = "selective_scan_backward_begin";
+  check_shape(s, kOp);
+  if (s.batch == 0) return;
+  const ScanArgs a = scan_args(s, u, delta, delta_bias, A, B, C, bc_row_stride, nullptr, z, z_row_stride, s.dim,
+                               doc_start, initial_state);
   const BackwardWorkspace w = backward_workspace(workspace_layout(s), workspace);
+  launch_backward_carries(a, chunk_states, bf16(dout), w, doc_start, nullptr, d_initial_state,
+                          static_cast<cudaStream_t>(stream), kOp);
+}
+
+void selective_scan_backward_end(const cpu::SelectiveScanShape& s, const uint16_t* u, const uint16_t* delta,
+                                 const float* delta_bias, const float* A, const uint16_t* B, const uint16_t* C,
+                                 int64_t bc_row_stride, const float* Dskip, const uint16_t* z, int64_t z_row_stride,
+                                 const float* chunk_states, const uint16_t* dout, uint16_t* du, uint16_t* ddelta,
+                                 uint16_t* dB, uint16_t* dC, uint16_t* dz, void* workspace, const int32_t* doc_start,
+                                 const float* initial_state, const float* d_final_state, void* stream) {
+  constexpr const char* kOp = "selective_scan_backward_end";
+  check_shape(s, kOp);
+  if (s.batch == 0) return;
+  const ScanArgs a = scan_args(s, u, delta, delta_bias, A, B, C, bc_row_stride, Dskip, z, z_row_stride, s.dim,
+                               doc_start, initial_state);
   const cudaStream_t st = static_cast<cudaStream_t>(stream);
-  if (doc_start != nullptr)
-    launch_initial_state_grad<true>(a, bf16(dout), w, d_initial_state, st);
-  else
-    launch_initial_state_grad<false>(a, bf16(dout), w, d_initial_state, st);
+  const BackwardWorkspace w = backward_workspace(workspace_layout(s), workspace);
+  if (d_final_state != nullptr && a.len > 0 && a.dim > 0) {
+    with_documents(doc_start, [&](auto documents) {
+      incoming_grad_kernel<decltype(documents)::value><<<state_grid(a, kOp), kFlatThreads, 0, st>>>(a, w,
+                                                                                                    d_final_state);
+    });
+    check_launch(kOp, "incoming gradient");
+  }
+  launch_backward_gradients(a, chunk_states, bf16(dout), w, doc_start, {bf16(du), bf16(ddelta), bf16(dz)}, bf16(dB),
+                            bf16(dC), st, kOp);
 }
 
 }  // namespace ssmtune::cuda

@@ -50,6 +50,11 @@ int main(int argc, char** argv) {
   app.add_option("--recompute", recompute, "layer recomputation in the training steps")
       ->check(CLI::IsMember({"on", "off", "both"}))
       ->capture_default_str();
+  app.add_option("--checkpoint-every", steps.checkpoint_every,
+                 "memory.checkpoint_every of the recompute-on training steps, comma separated")
+      ->delimiter(',')
+      ->check(CLI::Range(1, 1024))
+      ->capture_default_str();
   app.add_option("--packing", packing,
                  "training steps on unpacked rows (off), rows packing documents of 300-1000 tokens (on), or both")
       ->check(CLI::IsMember({"on", "off", "both"}))

@@ -66,19 +66,24 @@ void print_kernel_table(const Ceilings& c, const std::vector<KernelResult>& kern
              " %ceil: achieved rate over this run's copy or GEMM ceiling; peer/ours > 1: we are faster)\n");
 }
 
+std::string StepResult::recompute_label() const {
+  if (!recompute) return "off";
+  return checkpoint_every > 1 ? fmt::format("on/k{}", checkpoint_every) : "on";
+}
+
 void print_step_table(const std::vector<StepResult>& steps) {
   fmt::print("\n{:<11} {:<7} {:<6} {:>6} {:>9} {:>8} {:>8} {:>8} {:>9} {:>8} {:>7} {:>8} {:>6}\n", "model", "recomp",
              "packed", "batch", "tokens/s", "step_ms", "plan_GiB", "used_GiB", "HF_tok/s", "ours/HF", "HF_GiB",
              "mem/HF", "loss");
   for (const StepResult& s : steps) {
     if (!s.error.empty()) {
-      fmt::print("{:<11} {:<7} {:<6} FAILED: {}\n", s.model, s.recompute ? "on" : "off", s.packed ? "yes" : "no",
+      fmt::print("{:<11} {:<7} {:<6} FAILED: {}\n", s.model, s.recompute_label(), s.packed ? "yes" : "no",
                  first_line(s.error, 90));
       continue;
     }
     const double tokens = s.tokens_per_second(), used = static_cast<double>(s.in_use_bytes);
     fmt::print("{:<11} {:<7} {:<6} {:>6} {:>9.0f} {:>8.1f} {:>8.2f} {:>8.2f} {:>9} {:>8} {:>7} {:>8} {:>6.3f}\n",
-               s.model, s.recompute ? "on" : "off", s.packed ? "yes" : "no", fmt::format("{}x{}", s.batch, s.seq_len),
+               s.model, s.recompute_label(), s.packed ? "yes" : "no", fmt::format("{}x{}", s.batch, s.seq_len),
                tokens, s.median_seconds * 1e3,
                static_cast<double>(s.planned_bytes) / kGiB, used / kGiB,
                or_dash(s.hf_tokens_per_second.has_value(), fmt::format("{:.0f}", s.hf_tokens_per_second.value_or(0))),
@@ -96,9 +101,9 @@ void print_step_table(const std::vector<StepResult>& steps) {
   for (const StepResult& p : steps) {
     if (!p.packed || !p.error.empty()) continue;
     for (const StepResult& u : steps) {
-      if (u.packed || !u.error.empty() || u.model != p.model || u.recompute != p.recompute) continue;
+      if (u.packed || !u.error.empty() || u.model != p.model || u.recompute_label() != p.recompute_label()) continue;
       fmt::print("packing {} recompute {}: {:.0f} tokens/s packed, {:.0f} unpacked: packed/unpacked {:.3f}\n",
-                 p.model, p.recompute ? "on" : "off", p.tokens_per_second(), u.tokens_per_second(),
+                 p.model, p.recompute_label(), p.tokens_per_second(), u.tokens_per_second(),
                  p.tokens_per_second() / u.tokens_per_second());
     }
   }
@@ -140,7 +145,7 @@ void write_json(const std::filesystem::path& path, const DeviceInfo& device, con
   }
   j["steps"] = nlohmann::json::array();
   for (const StepResult& s : steps) {
-    nlohmann::json row = {{"model", s.model},     {"recompute", s.recompute}, {"packed", s.packed},
+    nlohmann::json row = {{"model", s.model},     {"recompute", s.recompute}, {"checkpoint_every", s.checkpoint_every}, {"packed", s.packed},
                           {"batch", s.batch},     {"seq_len", s.seq_len},     {"error", s.error}};
     if (s.error.empty()) {
       row["step_seconds"] = s.step_seconds;

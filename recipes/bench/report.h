@@ -46,6 +46,7 @@ struct KernelResult {
 struct StepResult {
   std::string model;
   bool recompute = false;
+  int64_t checkpoint_every = 1;      // memory.checkpoint_every (with recompute)
   bool packed = false;               // rows packing documents (doc_start), else one sequence per row
   int64_t batch = 0, seq_len = 0;
   std::vector<double> step_seconds;  // each timed step, synchronised at both ends
@@ -57,6 +58,8 @@ struct StepResult {
   std::optional<double> hf_tokens_per_second, hf_peak_bytes;
   std::string error;
 
+  // "off", "on", or "on/k2" with checkpoint_every 2.
+  std::string recompute_label() const;
   double tokens_per_second() const {
     return median_seconds > 0 ? static_cast<double>(batch * seq_len) / median_seconds : 0;
   }

@@ -6,6 +6,8 @@
 
 #include <chrono>
 #include <random>
+#include <utility>
+#include <vector>
 
 #include "framework/cuda_backend.h"
 #include "framework/error.h"
@@ -48,11 +50,23 @@ void pack_documents(std::mt19937_64& rng, int64_t batch, int64_t len, std::vecto
   }
 }
 
+// Recompute off, and on with each checkpoint_every.
+std::vector<std::pair<bool, int64_t>> recompute_settings(const StepOptions& options) {
+  std::vector<std::pair<bool, int64_t>> settings;
+  for (bool recompute : options.recompute) {
+    if (!recompute) settings.emplace_back(false, 1);
+    else
+      for (int64_t k : options.checkpoint_every) settings.emplace_back(true, k);
+  }
+  return settings;
+}
+
 StepResult run_steps(Backend& backend, const MambaWeights& weights, LoraAdapters& adapters, const peers::HfStep& hf,
-                     bool recompute, bool packed, const StepOptions& options) {
+                     bool recompute, int64_t checkpoint_every, bool packed, const StepOptions& options) {
   StepResult r;
   r.model = std::string(hf.model);
   r.recompute = recompute;
+  r.checkpoint_every = checkpoint_every;
   r.packed = packed;
   r.batch = hf.batch;
   r.seq_len = peers::kHfSeqLen;
@@ -64,6 +78,7 @@ StepResult run_steps(Backend& backend, const MambaWeights& weights, LoraAdapters
     shape.seq_len = r.seq_len;
     shape.scan_chunk = 64;
     shape.recompute = recompute;
+    shape.checkpoint_every = checkpoint_every;
     shape.loss_slice_rows = 1024;
     TrainStep step(backend, weights, adapters, shape);
 
@@ -96,13 +111,13 @@ StepResult run_steps(Backend& backend, const MambaWeights& weights, LoraAdapters
     r.in_use_bytes = total - free;
     fmt::print("  {} recompute {}{}: {:.0f} tokens/s (median of {} steps, {:.1f} ms), loss {:.3f} -> {:.3f}, "
                "planned {:.2f} GiB (activations {:.2f}), in use {:.2f} GiB\n",
-               r.model, recompute ? "on" : "off", packed ? " packed" : "", r.tokens_per_second(), r.step_seconds.size(), r.median_seconds * 1e3,
+               r.model, r.recompute_label(), packed ? " packed" : "", r.tokens_per_second(), r.step_seconds.size(), r.median_seconds * 1e3,
                r.losses.front(), r.losses.back(), r.planned_bytes / 1073741824.0, r.activation_bytes / 1073741824.0,
                r.in_use_bytes / 1073741824.0);
   } catch (const std::exception& e) {
     cudaGetLastError();  // an allocation failure must not surface in the next setting's launch checks
     r.error = e.what();
-    fmt::print("  {} recompute {}{}: FAILED: {}\n", r.model, recompute ? "on" : "off", packed ? " packed" : "", r.error);
+    fmt::print("  {} recompute {}{}: FAILED: {}\n", r.model, r.recompute_label(), packed ? " packed" : "", r.error);
   }
   std::fflush(stdout);
   return r;
@@ -155,17 +170,18 @@ std::vector<StepResult> bench_training_steps(const StepOptions& options) {
       adapters.initialize(options.seed);
       fmt::print("  built in {:.1f} s: NF4 base {:.2f} GiB, {} adapter parameters\n", seconds_since(start),
                  weights.bytes() / 1073741824.0, adapters.numel());
-      for (bool recompute : options.recompute)
+      for (const auto& [recompute, checkpoint_every] : recompute_settings(options))
         for (bool packed : options.packing)
-          results.push_back(run_steps(*backend, weights, adapters, hf, recompute, packed, options));
+          results.push_back(run_steps(*backend, weights, adapters, hf, recompute, checkpoint_every, packed, options));
     } catch (const std::exception& e) {
       cudaGetLastError();
       fmt::print("  {}: FAILED to build: {}\n", model, e.what());
-      for (bool recompute : options.recompute)
+      for (const auto& [recompute, checkpoint_every] : recompute_settings(options))
         for (bool packed : options.packing) {
           StepResult r;
           r.model = model;
           r.recompute = recompute;
+          r.checkpoint_every = checkpoint_every;
           r.packed = packed;
           r.batch = hf.batch;
           r.seq_len = peers::kHfSeqLen;

@@ -280,8 +280,8 @@ TEST_CASE("malformed lines: fail names file:line and the problem, skip counts ea
       INFO(c.line);
       // Line 2 of three: fail stops there, with nothing written.
       const std::string jsonl = good + "\n" + c.line + "\n" + good + "\n";
-      const std::string message =
-          error_message([&] { prepare(jsonl, dir / "out.h5", options_for(format)); });
+      const PrepareOptions fail_options = options_for(format);  // clang 14 lambdas cannot capture bindings
+      const std::string message = error_message([&] { prepare(jsonl, dir / "out.h5", fail_options); });
       CHECK(contains(message, "data.jsonl:2: " + std::string(describe(c.problem))));
       CHECK(contains(message, c.detail));
       CHECK(contains(message, "--on-error skip"));

@@ -37,14 +37,12 @@ struct Elastic {
   }
   // `ranks` ranks train run `name` with `strategy`; the output of a successful run.
   std::string train(const std::string& name, int ranks, const std::string& strategy, bool resume = false) const {
-    const std::vector<std::string> argv{SSMTUNE_MPIEXEC, "--oversubscribe", "--bind-to", "none", "-np",
-                                        std::to_string(ranks), std::string(SSMTUNE_BINARY_DIR) + "/recipes/ssmtune",
-                                        "train", "--config", (dir / "recipe.yaml").string(),
-                                        "train.output_dir=" + (dir / name).string(),
-                                        "train.grad_accum=" + std::to_string(kGlobalBatch / (2 * ranks)),
-                                        "distributed.strategy=" + strategy, "train.resume=" + std::string(resume ? "true" : "false")};
-    test::ChildProcess run(dir / (name + ".log"), argv,
-                           {"OMPI_ALLOW_RUN_AS_ROOT=1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1", "OMP_NUM_THREADS=1"});
+    const std::vector<std::string> argv = test::mpirun_argv(
+        {"-np", std::to_string(ranks), std::string(SSMTUNE_BINARY_DIR) + "/recipes/ssmtune", "train", "--config",
+         (dir / "recipe.yaml").string(), "train.output_dir=" + (dir / name).string(),
+         "train.grad_accum=" + std::to_string(kGlobalBatch / (2 * ranks)), "distributed.strategy=" + strategy,
+         "train.resume=" + std::string(resume ? "true" : "false")});
+    test::ChildProcess run(dir / (name + ".log"), argv, test::kMpiEnv);
     const bool ended = run.ended(300);
     INFO(run.output());
     REQUIRE(ended);

@@ -4,7 +4,6 @@
 // with a message saying why.
 #include <nlohmann/json.hpp>
 
-#include <fstream>
 #include <limits>
 #include <random>
 
@@ -18,6 +17,7 @@
 #include "framework/recipe_config.h"
 #include "framework/trainer.h"
 #include "tests/catch.h"
+#include "tests/framework/demo_training.h"
 #include "tests/framework/error_message.h"
 #include "tests/framework/poisoned_model.h"
 #include "tests/framework/scratch_dir.h"
@@ -31,19 +31,6 @@ namespace {
 
 constexpr double kInf = std::numeric_limits<double>::infinity();
 
-const ProcessGroup& group() {
-  static ProcessGroup g(nullptr, nullptr);
-  return g;
-}
-
-std::vector<nlohmann::json> read_metrics(const fs::path& path) {
-  std::vector<nlohmann::json> lines;
-  std::ifstream in(path);
-  std::string line;
-  while (std::getline(in, line)) lines.push_back(nlohmann::json::parse(line));
-  return lines;
-}
-
 }  // namespace
 
 TEST_CASE("a NaN or inf gradient, or a non-finite loss, leaves adapters and moments bit for bit as they were") {
@@ -51,9 +38,9 @@ TEST_CASE("a NaN or inf gradient, or a non-finite loss, leaves adapters and mome
   const MambaConfig model = model_size("demo");
   LoraAdapters adapters(*backend, model, LoraConfig{});
   adapters.initialize(1);
-  Watchdog watchdog(group(), 60);
-  MpiCommunicator host(group(), watchdog);
-  const std::unique_ptr<Communicator> comm = make_communicator(group(), watchdog, host, nullptr);
+  Watchdog watchdog(test::process_group(), 60);
+  MpiCommunicator host(test::process_group(), watchdog);
+  const std::unique_ptr<Communicator> comm = make_communicator(test::process_group(), watchdog, host, nullptr);
   OptimizerConfig config;
   config.max_grad_norm = 1.0;
   config.total_steps = 100;  // a learning rate that is not 0 at the steps below
@@ -116,12 +103,10 @@ struct PoisonedRun {
     test::write_poisoned_demo_model(dir / "clean", dir / "model");
     write_token_dataset((dir / "data.h5").string(), make_demo_dataset(0, 200));
   }
-  RecipeConfig recipe(const std::vector<std::string>& overrides) const {
-    std::vector<std::string> all{"model.path=" + (dir / "model").string(), "data.path=" + (dir / "data.h5").string(),
-                                 "train.output_dir=" + (dir / "out").string(), "device=cpu", "data.seq_len=24",
-                                 "train.batch_size=2", "train.grad_accum=2", "train.log_every=1", "train.warmup_steps=0"};
-    all.insert(all.end(), overrides.begin(), overrides.end());
-    return load_recipe(fs::path(SSMTUNE_SOURCE_DIR) / "recipes/configs/demo.yaml", all);
+  RecipeConfig recipe(std::vector<std::string> overrides) const {
+    overrides.insert(overrides.begin(), {"device=cpu", "data.seq_len=24", "train.batch_size=2", "train.grad_accum=2",
+                                         "train.log_every=1", "train.warmup_steps=0"});
+    return test::demo_recipe(dir.path(), "out", overrides);
   }
 };
 
@@ -140,10 +125,10 @@ TEST_CASE("training skips exactly the steps with a NaN loss, counts them, and th
   INFO(bad_count << " of " << kSteps << " steps see the poisoned token");
   REQUIRE(bad_count >= 2);  // the data set and seed give both kinds, with bad steps not all in a row
   REQUIRE(bad_count <= kSteps - 4);
-  run_training(recipe, group());
+  run_training(recipe, test::process_group());
 
   const fs::path out = run.dir / "out";
-  const std::vector<nlohmann::json> metrics = read_metrics(out / "metrics.jsonl");
+  const std::vector<nlohmann::json> metrics = test::read_metrics(out / "metrics.jsonl");
   REQUIRE(metrics.size() == kSteps);
   const std::unique_ptr<Backend> backend = make_cpu_backend();
   LoraAdapters initial(*backend, model_size("demo"), recipe.lora);
@@ -189,11 +174,11 @@ TEST_CASE("train.max_bad_steps non-finite steps in a row stop training with a me
   write_token_dataset((run.dir / "all-bad.h5").string(), contents);
   const RecipeConfig recipe =
       run.recipe({"train.max_steps=20", "train.max_bad_steps=3", "data.path=" + (run.dir / "all-bad.h5").string()});
-  const std::string error = error_message([&] { run_training(recipe, group()); });
+  const std::string error = error_message([&] { run_training(recipe, test::process_group()); });
   CHECK(contains(error, "step 3: the loss or gradient norm was not finite in 3 steps in a row (this one: loss nan, "
                         "grad_norm nan), train.max_bad_steps = 3: training has diverged. The adapters are as after "
                         "step 0"));
-  const std::vector<nlohmann::json> metrics = read_metrics(run.dir / "out/metrics.jsonl");
+  const std::vector<nlohmann::json> metrics = test::read_metrics(run.dir / "out/metrics.jsonl");
   REQUIRE(metrics.size() == 3);
   for (int i = 0; i < 3; ++i) {
     CHECK(metrics[static_cast<size_t>(i)]["skipped"] == true);

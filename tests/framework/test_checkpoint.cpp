@@ -7,17 +7,15 @@
 #include <fstream>
 #include <set>
 
-#include "data/demo_dataset.h"
-#include "distributed/process_group.h"
 #include "framework/atomic_file.h"
 #include "framework/checkpoint.h"
 #include "framework/checkpoint_manifest.h"
 #include "framework/cpu_backend.h"
-#include "framework/mamba_model.h"
 #include "framework/model_sizes.h"
 #include "framework/recipe_config.h"
 #include "framework/trainer.h"
 #include "tests/catch.h"
+#include "tests/framework/demo_training.h"
 #include "tests/framework/error_message.h"
 #include "tests/framework/scratch_dir.h"
 
@@ -25,27 +23,15 @@ using namespace ssmtune;
 using test::contains;
 using test::error_message;
 namespace fs = std::filesystem;
+using test::process_group;
+using test::read_metrics;
 
 namespace {
 
-const ProcessGroup& group() {
-  static ProcessGroup g(nullptr, nullptr);
-  return g;
-}
-
-struct Runs {
-  test::ScratchDir dir{"checkpoint"};
-  Runs() {
-    write_random_mamba(dir / "model", model_size("demo"), 0);
-    write_token_dataset((dir / "data.h5").string(), make_demo_dataset(0, 200));
-  }
-  RecipeConfig recipe(const std::string& output, const std::vector<std::string>& overrides) const {
-    std::vector<std::string> all{"model.path=" + (dir / "model").string(), "data.path=" + (dir / "data.h5").string(),
-                                 "train.output_dir=" + (dir / output).string(), "device=cpu", "data.seq_len=24",
-                                 "train.batch_size=2", "train.grad_accum=2", "lora.dropout=0.1", "train.log_every=1"};
-    all.insert(all.end(), overrides.begin(), overrides.end());
-    return load_recipe(fs::path(SSMTUNE_SOURCE_DIR) / "recipes/configs/demo.yaml", all);
-  }
+struct Runs : test::DemoRun {
+  Runs()
+      : DemoRun("checkpoint", 200, {"device=cpu", "data.seq_len=24", "train.batch_size=2", "train.grad_accum=2",
+                                    "lora.dropout=0.1", "train.log_every=1"}) {}
   // Loads a checkpoint into adapters of the recipe's layout; the error message, or "".
   std::string load_error(const fs::path& checkpoint) const {
     const std::unique_ptr<Backend> backend = make_cpu_backend();
@@ -68,14 +54,6 @@ void flip_a_bit(const fs::path& file, std::streamoff from_end) {
   f.put(byte);
 }
 
-std::vector<nlohmann::json> read_metrics(const fs::path& path) {
-  std::vector<nlohmann::json> lines;
-  std::ifstream in(path);
-  std::string line;
-  while (std::getline(in, line)) lines.push_back(nlohmann::json::parse(line));
-  return lines;
-}
-
 }  // namespace
 
 TEST_CASE("file_crc32 is zlib's CRC-32, the checksum of gzip") {
@@ -87,9 +65,9 @@ TEST_CASE("file_crc32 is zlib's CRC-32, the checksum of gzip") {
   CHECK(contains(error_message([&] { file_crc32(dir / "absent"); }), "absent: cannot open"));
 }
 
-TEST_CASE("the manifest lists every file of a checkpoint; loading refuses one that does not match, naming it") {
+TEST_CASE("the manifest lists every file of a checkpoint, and loading refuses one that does not match, naming it") {
   Runs runs;
-  run_training(runs.recipe("out", {"train.max_steps=2"}), group());
+  run_training(runs.recipe("out", {"train.max_steps=2"}), process_group());
   const fs::path good = runs.dir / "out/checkpoints/step_2";
   REQUIRE(runs.load_error(good) == "");
   const nlohmann::json manifest = nlohmann::json::parse(read_text_file(good / kManifestFile));
@@ -143,7 +121,7 @@ TEST_CASE("the manifest lists every file of a checkpoint; loading refuses one th
 
 TEST_CASE("resume passes over damaged and unfinished checkpoints, says why, and continues bit for bit") {
   Runs runs;
-  run_training(runs.recipe("full", {"train.max_steps=9", "train.save_every=3"}), group());
+  run_training(runs.recipe("full", {"train.max_steps=9", "train.save_every=3"}), process_group());
   CHECK(files_in(runs.dir / "full/checkpoints") == std::set<std::string>{"step_3", "step_6", "step_9"});
 
   // A run that crashed at step 11 while saving, and whose step_9 was damaged afterwards.
@@ -162,7 +140,8 @@ TEST_CASE("resume passes over damaged and unfinished checkpoints, says why, and 
   CHECK(search.skipped[0].first == crashed / "step_9");
   CHECK(contains(search.skipped[0].second, (crashed / "step_9" / kOptimizerFile).string() + ": CRC-32 "));
 
-  run_training(runs.recipe("crashed", {"train.max_steps=9", "train.save_every=3", "train.resume=true"}), group());
+  run_training(runs.recipe("crashed", {"train.max_steps=9", "train.save_every=3", "train.resume=true"}),
+               process_group());
   CHECK(files_in(crashed) == std::set<std::string>{"step_3", "step_6", "step_9"});  // .step_12.tmp removed
   const std::vector<nlohmann::json> full = read_metrics(runs.dir / "full/metrics.jsonl");
   const std::vector<nlohmann::json> resumed = read_metrics(runs.dir / "crashed/metrics.jsonl");
@@ -181,15 +160,15 @@ TEST_CASE("a fresh run removes what an interrupted save left, and refuses a dire
   Runs runs;
   fs::create_directories(runs.dir / "out/checkpoints/.step_5.tmp");
   fs::create_directories(runs.dir / "out/checkpoints/.step_2.removing");
-  run_training(runs.recipe("out", {"train.max_steps=1"}), group());
+  run_training(runs.recipe("out", {"train.max_steps=1"}), process_group());
   CHECK(files_in(runs.dir / "out/checkpoints") == std::set<std::string>{"step_1"});
-  CHECK(contains(error_message([&] { run_training(runs.recipe("out", {"train.max_steps=1"}), group()); }),
+  CHECK(contains(error_message([&] { run_training(runs.recipe("out", {"train.max_steps=1"}), process_group()); }),
                  "already holds checkpoints: set train.resume=true"));
 }
 
 TEST_CASE("train.keep_last keeps the newest checkpoints and deletes only older ones") {
   Runs runs;
-  run_training(runs.recipe("out", {"train.max_steps=10", "train.save_every=2", "train.keep_last=2"}), group());
+  run_training(runs.recipe("out", {"train.max_steps=10", "train.save_every=2", "train.keep_last=2"}), process_group());
   CHECK(files_in(runs.dir / "out/checkpoints") == std::set<std::string>{"step_8", "step_10"});
 
   // Resumed from step_8 because step_10 was damaged: step_10 (a later step) stays until this run
@@ -197,7 +176,7 @@ TEST_CASE("train.keep_last keeps the newest checkpoints and deletes only older o
   flip_a_bit(runs.dir / "out/checkpoints/step_10" / kAdapterFile, 5);
   run_training(runs.recipe("out", {"train.max_steps=12", "train.save_every=1", "train.keep_last=2",
                                    "train.resume=true"}),
-               group());
+               process_group());
   CHECK(files_in(runs.dir / "out/checkpoints") == std::set<std::string>{"step_11", "step_12"});
   CHECK(runs.load_error(runs.dir / "out/checkpoints/step_12") == "");
 }

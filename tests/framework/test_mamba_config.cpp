@@ -278,6 +278,19 @@ TEST_CASE("config errors name the file and the key") {
   std::ofstream(array) << "[1, 2]";
   CHECK(contains(error_message([&] { load_mamba_config(array); }), array.string() + ": expected a JSON object"));
 
+  // A key we do not read, kept in MambaConfig::extra, nested 200 levels deep: copying or printing it
+  // would recurse once per level, so the reader refuses it with the limit of untrusted_json.h.
+  const auto deep = dir / "deep.json";
+  std::string text = minimal().dump();
+  text.insert(text.size() - 1, R"(, "notes": )" + std::string(200, '[') + std::string(200, ']'));
+  std::ofstream(deep) << text;
+  CHECK(error_message([&] { load_mamba_config(deep); }) == deep.string() + ": JSON nested deeper than 128 levels");
+  const auto overflow = dir / "overflow.json";
+  std::ofstream(overflow) << R"({"model_type": "mamba", "hidden_size": 1e999, "num_hidden_layers": 2})";
+  message = error_message([&] { load_mamba_config(overflow); });
+  CHECK(contains(message, overflow.string() + ": "));
+  CHECK(contains(message, "number overflow parsing '1e999'"));
+
   struct BadKey {
     const char* key;
     json value;  // null: remove the key

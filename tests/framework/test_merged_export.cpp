@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 
 #include "framework/atomic_file.h"
+#include "framework/checkpoint_manifest.h"
 #include "framework/cpu_backend.h"
 #include "framework/mamba_model.h"
 #include "framework/model_sizes.h"
@@ -37,8 +38,8 @@ std::string adapter_key(int64_t layer, const std::string& projection, const char
 }
 
 // A base model and a checkpoint as training writes one (adapter.safetensors with PEFT's keys,
-// state.json, recipe.yaml) with adapters on in_proj, x_proj and out_proj; A and B both random, so the
-// merge moves every weight by far more than the output dtype's rounding.
+// state.json, recipe.yaml, manifest.json) with adapters on in_proj, x_proj and out_proj; A and B both
+// random, so the merge moves every weight by far more than the output dtype's rounding.
 struct Setup {
   test::ScratchDir dir{"merged"};
   MambaConfig config = model_size("demo");
@@ -60,11 +61,13 @@ struct Setup {
     std::ofstream(checkpoint / "state.json") << "{}";
     write_recipe(base);
   }
+  // recipe.yaml, and the manifest listing it as it now is.
   void write_recipe(const fs::path& model, const std::string& target_list = "[in_proj, x_proj, out_proj]") const {
     std::ofstream(checkpoint / "recipe.yaml") << "model:\n  path: " << model.string() << "\ndata:\n  path: "
                                               << (dir / "data.h5").string() << "\nlora:\n  rank: " << kRank
                                               << "\n  alpha: " << kAlpha << "\n  targets: " << target_list
                                               << "\ntrain:\n  output_dir: " << (dir / "run").string() << "\n";
+    write_manifest(checkpoint, {"adapter.safetensors", "state.json", "recipe.yaml"});
   }
   static Projection projection(const std::string& name) {
     for (Projection p : kProjections)
@@ -262,12 +265,36 @@ TEST_CASE("merged export errors name the checkpoint, base model, adapter or outp
   s.write_recipe(s.base);
 
   CHECK(contains(export_error(options(DType::F64)), "F64"));
-  fs::remove(s.checkpoint / "state.json");
-  CHECK(contains(export_error(), "not a complete checkpoint"));
-  std::ofstream(s.checkpoint / "state.json") << "{}";
 
   fs::create_directories(out);
   std::ofstream(out / "keep.txt") << "mine";
   CHECK(contains(error_message([&] { export_merged_model(s.checkpoint, out, {}); }), "not an empty directory"));
   CHECK(read_text_file(out / "keep.txt") == "mine");
+}
+
+TEST_CASE("a checkpoint whose files do not match its manifest, or without one, exports nothing") {
+  Setup s;
+  const fs::path out = s.dir / "out";
+  const fs::path adapter = s.checkpoint / "adapter.safetensors";
+  const std::string intact = read_text_file(adapter);
+  std::string corrupt = intact;
+  corrupt[corrupt.size() / 2] ^= 0x01;  // one bit in the middle of the tensors
+  std::ofstream(adapter, std::ios::binary) << corrupt;
+  std::string message = error_message([&] { export_merged_model(s.checkpoint, out, {}); });
+  INFO(message);
+  CHECK(contains(message, adapter.string() + ": CRC-32"));
+  CHECK(contains(message, "the file is corrupt"));
+  CHECK(!fs::exists(out));
+
+  std::ofstream(adapter, std::ios::binary) << intact;
+  export_merged_model(s.checkpoint, out, {});
+  CHECK(fs::exists(out / "model.safetensors"));
+
+  fs::remove(s.checkpoint / "state.json");
+  message = error_message([&] { export_merged_model(s.checkpoint, s.dir / "out2", {}); });
+  CHECK(contains(message, (s.checkpoint / "state.json").string() + ": listed in manifest.json but cannot be read"));
+  fs::remove(s.checkpoint / kManifestFile);  // a save that did not finish
+  message = error_message([&] { export_merged_model(s.checkpoint, s.dir / "out2", {}); });
+  CHECK(contains(message, (s.checkpoint / kManifestFile).string() + ": missing"));
+  CHECK(!fs::exists(s.dir / "out2"));
 }

@@ -105,7 +105,7 @@ TEST_CASE("the metrics plot is well-formed SVG with every series") {
   CHECK(svg.find("cx=\"776.0\"") != std::string::npos);
 }
 
-TEST_CASE("a chart without points says so; names are escaped") {
+TEST_CASE("a chart without points says so, and names are escaped") {
   Chart empty{"a <title> & more", "step", "loss", {{"x", "#000", PlotSeries::Style::line, 1, {}}}};
   const std::string svg = svg_charts({empty});
   check_well_formed(svg);
@@ -125,6 +125,9 @@ TEST_CASE("a bad metrics file gives one error naming the file and line") {
       {good + "{\"step\": 2.5, \"loss\": 4.0}\n", ":2: no integer \"step\""},
       {good + "{\"step\": 2, \"loss\": \"4.0\"}\n", ":2: \"loss\" must be a number, got \"4.0\""},
       {good + "{\"step\": 2, \"val_loss\": true}\n", ":2: \"val_loss\" must be a number"},
+      // The message would print the value, recursing once per level.
+      {good + "{\"step\": 2, \"loss\": " + std::string(200, '[') + std::string(200, ']') + "}\n",
+       ":2: JSON nested deeper than 128 levels"},
   };
   for (const auto& [text, expected] : cases) {
     write(dir / "metrics.jsonl", text);

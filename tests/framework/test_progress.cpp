@@ -133,3 +133,20 @@ TEST_CASE("on a terminal the live line is rewritten in place and cleared before 
   CHECK(text.back() == '\n');
   CHECK(count(text, "\n") == 2);
 }
+
+TEST_CASE("a live line is due at once when not showing, then not again within a tenth of a second") {
+  FILE* out = std::tmpfile();
+  REQUIRE(out);
+  {
+    LiveLine line(out);
+    CHECK(line.due());
+    line.draw("line 1, x");
+    CHECK_FALSE(line.due());  // drawn just now
+    line.message("a message");
+    CHECK(line.due());  // cleared by the message: drawn again at once
+    line.draw("line 2");
+  }
+  const std::string text = contents(out);
+  std::fclose(out);
+  CHECK(text == "\rline 1, x\033[K\r\033[Ka message\n\rline 2\033[K\n");
+}

@@ -69,7 +69,7 @@ TEST_CASE("sharding follows huggingface_hub: in order, a new shard at the limit,
   CHECK(shard_numbers(big.path()) == std::map<std::string, int>{{"a", 2}, {"b", 1}, {"c", 2}, {"d", 3}});
 }
 
-TEST_CASE("one shard is model.safetensors without an index; the reader prefers it") {
+TEST_CASE("one shard is model.safetensors without an index, and the reader prefers it") {
   test::ScratchDir dir("sharded");
   const std::vector<PlannedTensor> tensors{tensor_of("a", 3), tensor_of("b", 5)};
   CHECK(write_sharded_safetensors(dir.path(), tensors, kDefaultMaxShardBytes) ==
@@ -143,6 +143,8 @@ TEST_CASE("each malformed index is an Error naming the index and the problem") {
   };
   const std::vector<Case> cases{
       {R"({"weight_map": {"a": )", {"invalid JSON"}},
+      {R"({"metadata": )" + std::string(200, '[') + std::string(200, ']') + "}",
+       {"JSON nested deeper than 128 levels"}},
       {R"([1])", {"expected a JSON object"}},
       {R"({"metadata": {}})", {"missing key 'weight_map'"}},
       {R"({"weight_map": ["a"]})", {"'weight_map' must be a JSON object"}},

@@ -8,7 +8,6 @@
 #include <fstream>
 
 #include "data/demo_dataset.h"
-#include "distributed/process_group.h"
 #include "framework/atomic_file.h"
 #include "framework/checkpoint.h"
 #include "framework/cpu_backend.h"
@@ -21,47 +20,27 @@
 #include "framework/trainer.h"
 #include "framework/model_sizes.h"
 #include "tests/catch.h"
+#include "tests/framework/demo_training.h"
 #include "tests/framework/error_message.h"
 #include "tests/framework/scratch_dir.h"
 
 using namespace ssmtune;
 namespace fs = std::filesystem;
+using test::process_group;
+using test::read_metrics;
 
 namespace {
 
-const ProcessGroup& group() {
-  static ProcessGroup g(nullptr, nullptr);
-  return g;
-}
-
-struct DemoRun {
-  test::ScratchDir dir{"training"};
-  DemoRun() {
-    write_random_mamba(dir / "model", model_size("demo"), 0);
-    write_token_dataset((dir / "data.h5").string(), make_demo_dataset(0, 600));
-  }
-  RecipeConfig recipe(const std::string& output, std::vector<std::string> overrides) const {
-    std::vector<std::string> all{"model.path=" + (dir / "model").string(), "data.path=" + (dir / "data.h5").string(),
-                                 "train.output_dir=" + (dir / output).string()};
-    all.insert(all.end(), overrides.begin(), overrides.end());
-    return load_recipe(fs::path(SSMTUNE_SOURCE_DIR) / "recipes/configs/demo.yaml", all);
-  }
+struct TrainingRun : test::DemoRun {
+  TrainingRun() : DemoRun("training", 600) {}
 };
-
-std::vector<nlohmann::json> read_metrics(const fs::path& path) {
-  std::vector<nlohmann::json> lines;
-  std::ifstream in(path);
-  std::string line;
-  while (std::getline(in, line)) lines.push_back(nlohmann::json::parse(line));
-  return lines;
-}
 
 }  // namespace
 
 TEST_CASE("the demo recipe trains: the loss falls and metrics.jsonl has every field") {
-  DemoRun run;
-  const TrainingSummary s =
-      run_training(run.recipe("out", {"train.max_steps=60", "train.log_every=1", "train.batch_size=4"}), group());
+  TrainingRun run;
+  const TrainingSummary s = run_training(
+      run.recipe("out", {"train.max_steps=60", "train.log_every=1", "train.batch_size=4"}), process_group());
   // The untrained model scores about 6.2 nats; the task's floor is about 0.24 (data/README.md).
   CHECK(s.first_loss > 5.5);
   CHECK(s.last_loss < s.first_loss - 1.5);
@@ -72,10 +51,10 @@ TEST_CASE("the demo recipe trains: the loss falls and metrics.jsonl has every fi
 }
 
 TEST_CASE("resuming from a checkpoint reproduces the uninterrupted run bit for bit") {
-  DemoRun run;
+  TrainingRun run;
   const std::vector<std::string> common{"train.max_steps=12", "train.save_every=5", "train.log_every=1",
                                         "train.batch_size=2", "lora.dropout=0.1", "train.grad_accum=2"};
-  run_training(run.recipe("full", common), group());
+  run_training(run.recipe("full", common), process_group());
 
   // A run that died after step 5: only its first checkpoint (and a half-written one) survived.
   fs::create_directories(run.dir / "crashed/checkpoints");
@@ -83,7 +62,7 @@ TEST_CASE("resuming from a checkpoint reproduces the uninterrupted run bit for b
   fs::create_directories(run.dir / "crashed/checkpoints/.step_10.tmp.1");
   std::vector<std::string> resume = common;
   resume.push_back("train.resume=true");
-  run_training(run.recipe("crashed", resume), group());
+  run_training(run.recipe("crashed", resume), process_group());
 
   const std::vector<nlohmann::json> full = read_metrics(run.dir / "full/metrics.jsonl");
   const std::vector<nlohmann::json> resumed = read_metrics(run.dir / "crashed/metrics.jsonl");
@@ -99,10 +78,10 @@ TEST_CASE("resuming from a checkpoint reproduces the uninterrupted run bit for b
 }
 
 TEST_CASE("a fresh run refuses an output directory that already holds checkpoints") {
-  DemoRun run;
-  run_training(run.recipe("out", {"train.max_steps=1", "train.batch_size=1"}), group());
+  TrainingRun run;
+  run_training(run.recipe("out", {"train.max_steps=1", "train.batch_size=1"}), process_group());
   try {
-    run_training(run.recipe("out", {"train.max_steps=1", "train.batch_size=1"}), group());
+    run_training(run.recipe("out", {"train.max_steps=1", "train.batch_size=1"}), process_group());
     FAIL("expected an error");
   } catch (const Error& e) {
     CHECK(std::string(e.what()).find("train.resume=true") != std::string::npos);
@@ -110,10 +89,10 @@ TEST_CASE("a fresh run refuses an output directory that already holds checkpoint
 }
 
 TEST_CASE("the PEFT export has PEFT's keys, shapes, dtype, metadata and config") {
-  DemoRun run;
+  TrainingRun run;
   run_training(run.recipe("out", {"train.max_steps=2", "train.batch_size=1", "lora.rank=4", "lora.alpha=8",
                                   "lora.targets=[in_proj, dt_proj, out_proj]"}),
-               group());
+               process_group());
   const std::vector<std::string> warnings = export_peft_adapter(run.dir / "out/checkpoints/step_2", run.dir / "peft");
   // Targets in_proj, dt_proj and out_proj: transformers ignores a dt_proj adapter, PEFT refuses out_proj.
   REQUIRE(warnings.size() == 2);
@@ -140,6 +119,24 @@ TEST_CASE("the PEFT export has PEFT's keys, shapes, dtype, metadata and config")
   CHECK(config["base_model_name_or_path"] == (run.dir / "model").string());
   CHECK(config["bias"] == "none");
   CHECK(config["use_rslora"] == false);
+}
+
+TEST_CASE("the PEFT export refuses a checkpoint file that does not match the manifest, naming it") {
+  TrainingRun run;
+  run_training(run.recipe("out", {"train.max_steps=1", "train.batch_size=1"}), process_group());
+  const fs::path checkpoint = run.dir / "out/checkpoints/step_1", adapter = checkpoint / kAdapterFile;
+  const std::string intact = read_text_file(adapter);
+  std::string corrupt = intact;
+  corrupt[corrupt.size() - 5] ^= 0x01;  // one bit of the last tensor's values
+  std::ofstream(adapter, std::ios::binary) << corrupt;
+  const std::string message = test::error_message([&] { export_peft_adapter(checkpoint, run.dir / "peft"); });
+  INFO(message);
+  CHECK(message.find(adapter.string() + ": CRC-32") != std::string::npos);
+  CHECK(!fs::exists(run.dir / "peft"));
+
+  std::ofstream(adapter, std::ios::binary) << intact;
+  export_peft_adapter(checkpoint, run.dir / "peft");
+  CHECK(SafetensorsFile::open(run.dir / "peft" / kPeftWeightsFile).names() == SafetensorsFile::open(adapter).names());
 }
 
 namespace {
@@ -172,16 +169,16 @@ double direct_validation_loss(const RecipeConfig& r, int64_t step, int64_t batch
 }  // namespace
 
 TEST_CASE("the validation loss is forward_loss over fixed micro-batches and leaves training unchanged") {
-  DemoRun run;
+  TrainingRun run;
   write_token_dataset((run.dir / "val.h5").string(), make_demo_dataset(1, 100));
   const std::vector<std::string> common{"device=cpu", "train.max_steps=5", "train.save_every=2",
                                         "train.log_every=1", "train.batch_size=2", "train.grad_accum=2",
                                         "lora.dropout=0.1", "data.val_path=" + (run.dir / "val.h5").string()};
-  run_training(run.recipe("plain", common), group());
+  run_training(run.recipe("plain", common), process_group());
   std::vector<std::string> with_eval = common;
   with_eval.insert(with_eval.end(), {"eval.every=2", "eval.batches=3"});
   const RecipeConfig evaluated = run.recipe("evaluated", with_eval);
-  run_training(evaluated, group());
+  run_training(evaluated, process_group());
 
   // Training is the same bit for bit: evaluation runs no dropout and touches no gradient or state.
   const std::vector<nlohmann::json> plain = read_metrics(run.dir / "plain/metrics.jsonl");
@@ -214,12 +211,12 @@ TEST_CASE("the validation loss is forward_loss over fixed micro-batches and leav
 }
 
 TEST_CASE("evaluation keys: defaults and errors naming the key") {
-  DemoRun run;
+  TrainingRun run;
   const RecipeConfig defaults = run.recipe("out", {});
   CHECK(defaults.eval_every == 0);
   CHECK(defaults.eval_batches == 8);
   auto error_of = [&](const std::vector<std::string>& overrides) {
-    return test::error_message([&] { run_training(run.recipe("bad", overrides), group()); });
+    return test::error_message([&] { run_training(run.recipe("bad", overrides), process_group()); });
   };
   CHECK(test::contains(error_of({"eval.every=5"}), "'data.val_path'"));
   CHECK(test::contains(error_of({"eval.every=-1"}), "eval.every must be 0 (off)"));

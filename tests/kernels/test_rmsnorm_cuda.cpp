@@ -126,7 +126,7 @@ TEST_CASE("CUDA rmsnorm forward writes y with a row stride and leaves the column
   }
 }
 
-TEST_CASE("CUDA rmsnorm backward equals the CPU reference; its bf16 copy may overwrite dy") {
+TEST_CASE("CUDA rmsnorm backward equals the CPU reference, and its bf16 copy may overwrite dy") {
   const uint64_t seed = std::random_device{}();
   std::mt19937_64 rng(seed);
   for (const auto& [rows, dim] : kShapes) {

@@ -5,7 +5,8 @@
 // are not multiples of a warp or a block; two runs must agree bit for bit. With sequence boundaries:
 // document starts (at position 0, at chunk boundaries, one-token documents, at the last position, rows
 // continuing a document from the initial state), initial_state, d_final_state, d_initial_state, out with
-// spare columns, and selective_scan_final_state / selective_scan_initial_state_grad.
+// spare columns; the forward by its single pass and by its chunked passes, and every op also in its two
+// halves (selective_scan_forward_begin / _end, backward_begin / _end).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -39,7 +40,8 @@ struct Case {
 };
 
 // What a case runs with besides the plain scan: document starts, an initial state and an incoming
-// d_final_state (then also d_initial_state, final_state/decay and initial_state_grad are checked), and out
+// d_final_state (then d_initial_state, and the halves' final_state, decay and initial_state_grad, are
+// checked against nonzero references), and out
 // with spare columns.
 struct Boundaries {
   bool on;
@@ -237,78 +239,102 @@ void run_case(const Case& c, const Boundaries& boundaries, std::mt19937_64& rng)
   const float* d_final_state_arg = boundaries.on ? d_final_state_d.get() : nullptr;
   DeviceBuffer<uint16_t> out_d(rows * out_stride), du_d(rows * D), ddelta_d(rows * D);
   DeviceBuffer<uint16_t> dxdbl_d(rows * xdbl_stride), dxz_d(rows * xz_stride);
-  DeviceBuffer<float> states_d(states_size), d_initial_d(row_states), final_d(row_states), decay_d(row_states),
-      initial_grad_d(row_states);
+  DeviceBuffer<float> states_d(states_size), d_initial_d(row_states), final_d(row_states), decay_d(row_states);
   // Each op gets exactly the scratch it declares (the training step shares one of the largest size).
   DeviceBuffer<uint8_t> forward_workspace_d(cuda::selective_scan_forward_workspace_bytes(s));
   DeviceBuffer<uint8_t> workspace_d(cuda::selective_scan_backward_workspace_bytes(s));
-  DeviceBuffer<uint8_t> final_workspace_d(cuda::selective_scan_final_state_workspace_bytes(s));
-  DeviceBuffer<uint8_t> initial_grad_workspace_d(cuda::selective_scan_initial_state_grad_workspace_bytes(s));
   const uint16_t* B = xdbl_d.get() + kDtRank;
   const uint16_t* C = xdbl_d.get() + kDtRank + N;
   const uint16_t* z = xz_d.get() + D;
 
   struct Results {
     std::vector<uint16_t> out, du, ddelta, dxdbl, dxz;
-    std::vector<float> states, d_initial, final_state, decay, initial_grad;
+    std::vector<float> states, d_initial, final_state, decay;
   };
   // Every output and the workspaces poisoned first: nothing may be left unwritten or read before written.
-  auto run = [&] {
+  // One call per op (the forward's single pass or its chunked passes), or each op in its two halves
+  // (split): then d_initial is the begin's (no gradient arriving), final_state and decay are written, and
+  // the end gets initial_state and d_final_state.
+  enum class Mode { single_pass, chunked, split };
+  auto run = [&](Mode mode) {
+    const bool split = mode == Mode::split;
     for (DeviceBuffer<uint16_t>* buffer : {&out_d, &du_d, &ddelta_d, &dxdbl_d, &dxz_d}) buffer->poison();
-    for (DeviceBuffer<float>* buffer : {&states_d, &d_initial_d, &final_d, &decay_d, &initial_grad_d}) buffer->poison();
-    for (DeviceBuffer<uint8_t>* buffer :
-         {&forward_workspace_d, &workspace_d, &final_workspace_d, &initial_grad_workspace_d})
-      buffer->poison();
-    cuda::selective_scan_forward(s, u_d.get(), delta_d.get(), delta_bias_d.get(), A_d.get(), B, C, xdbl_stride,
-                                 Dskip_d.get(), z, xz_stride, out_d.get(), out_stride, states_d.get(),
-                                 forward_workspace_d.get(), doc_start_arg, initial_state_arg, nullptr);
-    cuda::selective_scan_backward(s, u_d.get(), delta_d.get(), delta_bias_d.get(), A_d.get(), B, C, xdbl_stride,
-                                  Dskip_d.get(), z, xz_stride, states_d.get(), dout_d.get(), du_d.get(),
-                                  ddelta_d.get(), dxdbl_d.get() + kDtRank, dxdbl_d.get() + kDtRank + N,
-                                  dxz_d.get() + D, workspace_d.get(), doc_start_arg, initial_state_arg,
-                                  d_final_state_arg, d_initial_d.get(), nullptr);
-    cuda::selective_scan_final_state(s, u_d.get(), delta_d.get(), delta_bias_d.get(), A_d.get(), B, xdbl_stride,
-                                     doc_start_arg, final_d.get(), decay_d.get(), final_workspace_d.get(), nullptr);
-    cuda::selective_scan_initial_state_grad(s, delta_d.get(), delta_bias_d.get(), A_d.get(), C, xdbl_stride, z,
-                                            xz_stride, dout_d.get(), doc_start_arg, initial_grad_d.get(),
-                                            initial_grad_workspace_d.get(), nullptr);
-    return Results{out_d.download(),    du_d.download(),    ddelta_d.download(),       dxdbl_d.download(),
-                   dxz_d.download(),    states_d.download(), d_initial_d.download(),   final_d.download(),
-                   decay_d.download(),  initial_grad_d.download()};
+    for (DeviceBuffer<float>* buffer : {&states_d, &d_initial_d, &final_d, &decay_d}) buffer->poison();
+    for (DeviceBuffer<uint8_t>* buffer : {&forward_workspace_d, &workspace_d}) buffer->poison();
+    if (split) {
+      cuda::selective_scan_forward_begin(s, u_d.get(), delta_d.get(), delta_bias_d.get(), A_d.get(), B, xdbl_stride,
+                                         states_d.get(), forward_workspace_d.get(), doc_start_arg, final_d.get(),
+                                         decay_d.get(), nullptr);
+      cuda::selective_scan_forward_end(s, u_d.get(), delta_d.get(), delta_bias_d.get(), A_d.get(), B, C, xdbl_stride,
+                                       Dskip_d.get(), z, xz_stride, out_d.get(), out_stride, states_d.get(),
+                                       forward_workspace_d.get(), doc_start_arg, initial_state_arg, nullptr);
+      cuda::selective_scan_backward_begin(s, u_d.get(), delta_d.get(), delta_bias_d.get(), A_d.get(), B, C,
+                                          xdbl_stride, z, xz_stride, states_d.get(), dout_d.get(), workspace_d.get(),
+                                          doc_start_arg, initial_state_arg, d_initial_d.get(), nullptr);
+      cuda::selective_scan_backward_end(s, u_d.get(), delta_d.get(), delta_bias_d.get(), A_d.get(), B, C, xdbl_stride,
+                                        Dskip_d.get(), z, xz_stride, states_d.get(), dout_d.get(), du_d.get(),
+                                        ddelta_d.get(), dxdbl_d.get() + kDtRank, dxdbl_d.get() + kDtRank + N,
+                                        dxz_d.get() + D, workspace_d.get(), doc_start_arg, initial_state_arg,
+                                        d_final_state_arg, nullptr);
+    } else {
+      cuda::selective_scan_forward(s, u_d.get(), delta_d.get(), delta_bias_d.get(), A_d.get(), B, C, xdbl_stride,
+                                   Dskip_d.get(), z, xz_stride, out_d.get(), out_stride, states_d.get(),
+                                   forward_workspace_d.get(), doc_start_arg, initial_state_arg, nullptr,
+                                   mode == Mode::chunked ? cuda::ScanForwardPath::chunked
+                                                         : cuda::ScanForwardPath::single_pass);
+      cuda::selective_scan_backward(s, u_d.get(), delta_d.get(), delta_bias_d.get(), A_d.get(), B, C, xdbl_stride,
+                                    Dskip_d.get(), z, xz_stride, states_d.get(), dout_d.get(), du_d.get(),
+                                    ddelta_d.get(), dxdbl_d.get() + kDtRank, dxdbl_d.get() + kDtRank + N,
+                                    dxz_d.get() + D, workspace_d.get(), doc_start_arg, initial_state_arg,
+                                    d_final_state_arg, d_initial_d.get(), nullptr);
+    }
+    return Results{out_d.download(), du_d.download(),     ddelta_d.download(),    dxdbl_d.download(),
+                   dxz_d.download(), states_d.download(), d_initial_d.download(), final_d.download(),
+                   decay_d.download()};
   };
-  const Results r = run();
   auto as_double = [](const std::vector<float>& v) { return std::vector<double>(v.begin(), v.end()); };
 
-  check_close("out", view(r.out, rows, out_stride, 0, D), out_ref, kBf16Tolerance);
-  check_close("chunk_states", as_double(r.states), states_ref, kStateTolerance);
-  check_close("du", testing::bf16_to_double(r.du), du_ref, kBf16Tolerance);
-  check_close("ddelta", testing::bf16_to_double(r.ddelta), ddelta_ref, kBf16Tolerance);
-  check_close("dB", view(r.dxdbl, rows, xdbl_stride, kDtRank, N), view(dxdbl_ref, rows, xdbl_stride, kDtRank, N),
-              kBf16Tolerance);
-  check_close("dC", view(r.dxdbl, rows, xdbl_stride, kDtRank + N, N),
-              view(dxdbl_ref, rows, xdbl_stride, kDtRank + N, N), kBf16Tolerance);
-  check_close("dz", view(r.dxz, rows, xz_stride, D, D), view(dxz_ref, rows, xz_stride, D, D), kBf16Tolerance);
-  check_close("d_initial_state", as_double(r.d_initial), d_initial_ref, kStateTolerance);
-  check_close("final_state", as_double(r.final_state), final_ref, kStateTolerance);
-  check_decay(r.decay, decay_ref);
-  check_close("initial_state_grad", as_double(r.initial_grad), initial_grad_ref, kStateTolerance);
-  // The dt_r columns of d_xdbl, the x half of d_xz and out's spare columns belong to other ops.
-  CHECK(touched_gaps(r.dxdbl, rows, xdbl_stride, kDtRank, kDtRank + 2 * N) == 0);
-  CHECK(touched_gaps(r.dxz, rows, xz_stride, D, 2 * D) == 0);
-  CHECK(touched_gaps(r.out, rows, out_stride, 0, D) == 0);
+  for (const Mode mode : {Mode::single_pass, Mode::chunked, Mode::split}) {
+    const bool split = mode == Mode::split;
+    INFO((split                   ? "each op in two halves"
+          : mode == Mode::chunked ? "one call, chunked forward"
+                                  : "one call, single-pass forward"));
+    const Results r = run(mode);
+    check_close("out", view(r.out, rows, out_stride, 0, D), out_ref, kBf16Tolerance);
+    check_close("chunk_states", as_double(r.states), states_ref, kStateTolerance);
+    check_close("du", testing::bf16_to_double(r.du), du_ref, kBf16Tolerance);
+    check_close("ddelta", testing::bf16_to_double(r.ddelta), ddelta_ref, kBf16Tolerance);
+    check_close("dB", view(r.dxdbl, rows, xdbl_stride, kDtRank, N), view(dxdbl_ref, rows, xdbl_stride, kDtRank, N),
+                kBf16Tolerance);
+    check_close("dC", view(r.dxdbl, rows, xdbl_stride, kDtRank + N, N),
+                view(dxdbl_ref, rows, xdbl_stride, kDtRank + N, N), kBf16Tolerance);
+    check_close("dz", view(r.dxz, rows, xz_stride, D, D), view(dxz_ref, rows, xz_stride, D, D), kBf16Tolerance);
+    if (split) {
+      check_close("final_state", as_double(r.final_state), final_ref, kStateTolerance);
+      check_decay(r.decay, decay_ref);
+      check_close("initial_state_grad", as_double(r.d_initial), initial_grad_ref, kStateTolerance);
+    } else {
+      check_close("d_initial_state", as_double(r.d_initial), d_initial_ref, kStateTolerance);
+    }
+    // The dt_r columns of d_xdbl, the x half of d_xz and out's spare columns belong to other ops.
+    CHECK(touched_gaps(r.dxdbl, rows, xdbl_stride, kDtRank, kDtRank + 2 * N) == 0);
+    CHECK(touched_gaps(r.dxz, rows, xz_stride, D, 2 * D) == 0);
+    CHECK(touched_gaps(r.out, rows, out_stride, 0, D) == 0);
 
-  // Fixed-order reductions only: a second run gives the same bits everywhere.
-  const Results again = run();
-  CHECK(again.out == r.out);
-  CHECK(again.states == r.states);
-  CHECK(again.du == r.du);
-  CHECK(again.ddelta == r.ddelta);
-  CHECK(again.dxdbl == r.dxdbl);
-  CHECK(again.dxz == r.dxz);
-  CHECK(again.d_initial == r.d_initial);
-  CHECK(again.final_state == r.final_state);
-  CHECK(again.decay == r.decay);
-  CHECK(again.initial_grad == r.initial_grad);
+    // Fixed-order reductions only: a second run gives the same bits everywhere.
+    const Results again = run(mode);
+    CHECK(again.out == r.out);
+    CHECK(again.states == r.states);
+    CHECK(again.du == r.du);
+    CHECK(again.ddelta == r.ddelta);
+    CHECK(again.dxdbl == r.dxdbl);
+    CHECK(again.dxz == r.dxz);
+    CHECK(again.d_initial == r.d_initial);
+    if (split) {
+      CHECK(again.final_state == r.final_state);
+      CHECK(again.decay == r.decay);
+    }
+  }
 }
 
 }  // namespace
@@ -346,8 +372,6 @@ TEST_CASE("CUDA selective scan refuses a state size other than 16") {
   const cpu::SelectiveScanShape s{1, 8, 32, 8, 4};
   CHECK_THROWS_AS(cuda::selective_scan_forward_workspace_bytes(s), std::invalid_argument);
   CHECK_THROWS_AS(cuda::selective_scan_backward_workspace_bytes(s), std::invalid_argument);
-  CHECK_THROWS_AS(cuda::selective_scan_final_state_workspace_bytes(s), std::invalid_argument);
-  CHECK_THROWS_AS(cuda::selective_scan_initial_state_grad_workspace_bytes(s), std::invalid_argument);
   CHECK_THROWS_AS(cuda::selective_scan_forward(s, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, 16, nullptr,
                                                nullptr, 32, nullptr, 32, nullptr, nullptr, nullptr, nullptr, nullptr),
                   std::invalid_argument);

@@ -1,6 +1,6 @@
 // A command (the ssmtune program, or mpirun starting it) run as a child process in a process group of
 // its own, its stdout and stderr in a log file, for tests that signal, kill and restart training the
-// way a user or a scheduler does. Killed with its group when the test is done with it.
+// way a user or a scheduler does. Killed with its children and its group when the test is done with it.
 #pragma once
 #include <signal.h>
 #include <sys/wait.h>
@@ -17,6 +17,20 @@
 #include "tests/catch.h"
 
 namespace ssmtune::test {
+
+// The environment these tests start ssmtune and mpirun with: Open MPI may run as root (containers), and
+// each process uses one OpenMP thread, so that jobs of several ranks share a small machine.
+inline const std::vector<std::string> kMpiEnv{"OMPI_ALLOW_RUN_AS_ROOT=1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1",
+                                              "OMP_NUM_THREADS=1"};
+
+#ifdef SSMTUNE_MPIEXEC  // defined for the tests that start mpirun
+// mpirun with `args` (-np N program ...): more ranks than cores allowed, none bound to a core.
+inline std::vector<std::string> mpirun_argv(const std::vector<std::string>& args) {
+  std::vector<std::string> argv{SSMTUNE_MPIEXEC, "--oversubscribe", "--bind-to", "none"};
+  argv.insert(argv.end(), args.begin(), args.end());
+  return argv;
+}
+#endif
 
 class ChildProcess {
  public:
@@ -42,6 +56,8 @@ class ChildProcess {
   }
   ~ChildProcess() {
     if (!exited_) {
+      // Its children first: mpirun may have put the ranks in process groups of their own.
+      for (const pid_t child : children()) kill(child, SIGKILL);
       kill(-pid_, SIGKILL);
       waitpid(pid_, nullptr, 0);
     }
@@ -92,6 +108,19 @@ class ChildProcess {
 
   // The child of this process (mpirun) whose environment holds `variable` ("NAME=value"), or -1.
   pid_t child_with(const std::string& variable) const {
+    for (const pid_t child : children()) {
+      std::ifstream environ("/proc/" + std::to_string(child) + "/environ");
+      std::string found;
+      while (std::getline(environ, found, '\0'))
+        if (found == variable) return child;
+    }
+    return -1;
+  }
+
+ private:
+  // The processes whose parent is this one.
+  std::vector<pid_t> children() const {
+    std::vector<pid_t> found;
     for (const std::filesystem::directory_entry& entry : std::filesystem::directory_iterator("/proc")) {
       const std::string name = entry.path().filename().string();
       if (name.find_first_not_of("0123456789") != std::string::npos) continue;
@@ -102,16 +131,11 @@ class ChildProcess {
       std::string state;
       pid_t parent = 0;
       after >> state >> parent;
-      if (parent != pid_) continue;
-      std::ifstream environ(entry.path() / "environ");
-      std::string found;
-      while (std::getline(environ, found, '\0'))
-        if (found == variable) return static_cast<pid_t>(std::stol(name));
+      if (parent == pid_) found.push_back(static_cast<pid_t>(std::stol(name)));
     }
-    return -1;
+    return found;
   }
 
- private:
   std::filesystem::path log_;
   pid_t pid_ = -1;
   bool exited_ = false;

@@ -54,7 +54,7 @@ TEST_CASE("info prints parameters, memory per GPU and FLOPs from config.json alo
   CHECK(missing.output.find((dir / "nowhere/config.json").string()) != std::string::npos);
 }
 
-TEST_CASE("train prints plain lines off a terminal and plots its metrics; plot redraws them") {
+TEST_CASE("train prints plain lines off a terminal and plots its metrics, and plot redraws them") {
   test::ScratchDir dir("plot-cli");
   write_random_mamba(dir / "model", model_size("demo"), 0);
   write_token_dataset((dir / "data.h5").string(), make_demo_dataset(0, 100));

@@ -21,8 +21,6 @@ namespace fs = std::filesystem;
 
 namespace {
 
-const std::vector<std::string> kEnv{"OMPI_ALLOW_RUN_AS_ROOT=1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1", "OMP_NUM_THREADS=1"};
-
 struct Setup {
   test::ScratchDir dir{"stop-signals"};
   Setup() {
@@ -41,14 +39,14 @@ struct Setup {
     return argv;
   }
   std::vector<std::string> mpirun(int ranks) const {
-    std::vector<std::string> argv{SSMTUNE_MPIEXEC, "--oversubscribe", "--bind-to", "none", "-np", std::to_string(ranks)};
+    std::vector<std::string> args{"-np", std::to_string(ranks)};
     const std::vector<std::string> command = train();
-    argv.insert(argv.end(), command.begin(), command.end());
-    return argv;
+    args.insert(args.end(), command.begin(), command.end());
+    return test::mpirun_argv(args);
   }
   // Waits until metrics.jsonl has `lines` lines (each is flushed as its step ends).
   bool wait_for_steps(test::ChildProcess& run, size_t lines) const {
-    for (int i = 0; i < 6000 && !run.poll(); ++i) {
+    for (int i = 0; i < 30000 && !run.poll(); ++i) {  // 300 s: the sanitized build's steps are slow
       std::ifstream in(dir / "out/metrics.jsonl");
       size_t n = 0;
       std::string line;
@@ -77,11 +75,11 @@ std::vector<std::string> checkpoint_entries(const fs::path& out) {
 
 }  // namespace
 
-TEST_CASE("SIGTERM saves a checkpoint at the next step boundary and exits 0; resume continues from it") {
+TEST_CASE("SIGTERM saves a checkpoint at the next step boundary and exits 0, and resume continues from it") {
   Setup setup;
   int64_t step = -1;
   {
-    test::ChildProcess run(setup.dir / "log.txt", setup.train(), kEnv);
+    test::ChildProcess run(setup.dir / "log.txt", setup.train(), test::kMpiEnv);
     REQUIRE(setup.wait_for_steps(run, 3));
     run.signal(SIGTERM);
     REQUIRE(run.ended(60));
@@ -96,7 +94,8 @@ TEST_CASE("SIGTERM saves a checkpoint at the next step boundary and exits 0; res
   CheckpointManifest::read(checkpoint).verify_all();
 
   test::ChildProcess resumed(setup.dir / "log2.txt",
-                             setup.train({"train.resume=true", "train.max_steps=" + std::to_string(step + 2)}), kEnv);
+                             setup.train({"train.resume=true", "train.max_steps=" + std::to_string(step + 2)}),
+                             test::kMpiEnv);
   REQUIRE(resumed.ended(60));
   INFO(resumed.output());
   CHECK(resumed.exit_code() == 0);
@@ -107,7 +106,7 @@ TEST_CASE("a second SIGINT exits at once, non-zero, and leaves the last complete
   Setup setup;
   // Steps long enough (about 0.1 s here) that both signals arrive within one.
   const std::vector<std::string> slow{"data.seq_len=512", "train.batch_size=8", "train.save_every=2"};
-  test::ChildProcess run(setup.dir / "log.txt", setup.train(slow), kEnv);
+  test::ChildProcess run(setup.dir / "log.txt", setup.train(slow), test::kMpiEnv);
   REQUIRE(setup.wait_for_steps(run, 3));
   const std::vector<std::string> before = checkpoint_entries(setup.dir / "out");
   REQUIRE(before == std::vector<std::string>{"step_2"});
@@ -131,7 +130,7 @@ TEST_CASE("a second SIGINT exits at once, non-zero, and leaves the last complete
 
 TEST_CASE("under mpirun, SIGTERM to one rank stops every rank after the same step, with a checkpoint") {
   Setup setup;
-  test::ChildProcess job(setup.dir / "log.txt", setup.mpirun(2), kEnv);
+  test::ChildProcess job(setup.dir / "log.txt", setup.mpirun(2), test::kMpiEnv);
   REQUIRE(setup.wait_for_steps(job, 3));
   const pid_t rank1 = job.child_with("OMPI_COMM_WORLD_RANK=1");
   REQUIRE(rank1 > 0);
