@@ -13,26 +13,12 @@
 #include "kernels/cpu/nf4.h"
 #include "tests/catch.h"
 #include "tests/framework/scratch_dir.h"
+#include "tests/framework/tiny_config.h"
 #include "tests/kernels/finite_difference.h"
 
 using namespace ssmtune;
 
 namespace {
-
-MambaConfig tiny_config(const std::string& model_type) {
-  MambaConfig c;
-  c.model_type = model_type;
-  c.d_model = 8;
-  c.n_layer = 2;
-  c.vocab_size = 11;
-  c.d_state = 4;
-  c.expand = 2;
-  c.d_inner = 16;
-  c.conv_kernel = 4;
-  c.dt_rank = 3;  // not a power of two, so the strided dt/B/C split is exercised
-  c.tie_word_embeddings = model_type == "mamba";  // falcon-mamba's lm_head is its own
-  return c;
-}
 
 struct Fixture {
   test::ScratchDir dir{"gradcheck"};
@@ -42,7 +28,7 @@ struct Fixture {
   std::vector<double> adapter_values;
   StepShape shape{2, 7, 3, true, 5};  // odd length over chunks of 3, loss in slices of 5 of 14 rows
 
-  explicit Fixture(const std::string& model_type = "mamba") : config(tiny_config(model_type)) {
+  explicit Fixture(const std::string& model_type = "mamba") : config(test::tiny_config(model_type)) {
     write_random_mamba(dir / "model", config, 7);
     std::mt19937_64 rng(3);
     for (int64_t i = 0; i < shape.batch * (shape.seq_len + 1); ++i) tokens.push_back(rng() % config.vocab_size);

@@ -12,25 +12,11 @@
 #include "tests/catch.h"
 #include "tests/framework/packing_check.h"
 #include "tests/framework/scratch_dir.h"
+#include "tests/framework/tiny_config.h"
 
 using namespace ssmtune;
 
 namespace {
-
-MambaConfig tiny_config(const std::string& model_type) {
-  MambaConfig c;
-  c.model_type = model_type;
-  c.d_model = 8;
-  c.n_layer = 2;
-  c.vocab_size = 11;
-  c.d_state = 4;
-  c.expand = 2;
-  c.d_inner = 16;
-  c.conv_kernel = 4;
-  c.dt_rank = 3;
-  c.tie_word_embeddings = model_type == "mamba";
-  return c;
-}
 
 std::vector<test::Document> random_documents(const std::vector<size_t>& lengths, uint32_t vocab, uint64_t seed) {
   std::mt19937_64 rng(seed);
@@ -53,7 +39,7 @@ TEST_CASE("a packed step gives every document its own loss and gradients (CPU, f
   const int64_t seq_len = 13;  // row 0 holds 14 tokens: seq_len + 1
   for (const std::string model_type : {"mamba", "falcon_mamba"}) {
     test::ScratchDir dir("packing");
-    write_random_mamba(dir / "model", tiny_config(model_type), 5);
+    write_random_mamba(dir / "model", test::tiny_config(model_type), 5);
     for (const bool recompute : {true, false}) {
       INFO(model_type << ", recompute " << recompute);
       // fp64: the packed and separate runs differ only in summation order (the adapter gradients sum the
@@ -70,13 +56,13 @@ TEST_CASE("a packed step gives every document its own loss and gradients (CPU, f
 
 TEST_CASE("without doc_start a packed row lets documents see each other (the check can fail)") {
   test::ScratchDir dir("packing-leak");
-  write_random_mamba(dir / "model", tiny_config("mamba"), 5);
+  write_random_mamba(dir / "model", test::tiny_config("mamba"), 5);
   const auto docs = random_documents({6, 7}, 11, 22);
   auto packed = test::DocumentBatch::make(docs, {{0, 1}}, 12, true, 0);
   const auto separate = test::DocumentBatch::make(docs, {{0}, {1}}, 12, false, 0);
   packed.doc_start.clear();  // the same row and mask, the state and conv window now run on
   LoraConfig lora;
-  const std::vector<double> params = test::random_adapter_values(tiny_config("mamba"), lora, 4);
+  const std::vector<double> params = test::random_adapter_values(test::tiny_config("mamba"), lora, 4);
   auto backend = make_cpu_backend(DType::F64), other = make_cpu_backend(DType::F64);
   const auto p = test::run_documents(*backend, dir / "model", lora, params, packed, 3, true, 2);
   const auto s = test::run_documents(*other, dir / "model", lora, params, separate, 3, true, 2);
@@ -86,7 +72,7 @@ TEST_CASE("without doc_start a packed row lets documents see each other (the che
 
 TEST_CASE("SequenceSampler with and without packing feeds steps that train the same targets") {
   test::ScratchDir dir("packing-sampler");
-  write_random_mamba(dir / "model", tiny_config("mamba"), 6);
+  write_random_mamba(dir / "model", test::tiny_config("mamba"), 6);
   // Four documents, one of a single token (no target of its own) and one of two; the packed sampler's
   // one sequence holds them all (seq_len = tokens - 1), the unpacked sampler's three sequences one each.
   const auto docs = random_documents({6, 1, 2, 11}, 11, 23);
@@ -124,7 +110,7 @@ TEST_CASE("SequenceSampler with and without packing feeds steps that train the s
   CHECK(unpacked_targets == packed_targets);
 
   LoraConfig lora;
-  const std::vector<double> params = test::random_adapter_values(tiny_config("mamba"), lora, 3);
+  const std::vector<double> params = test::random_adapter_values(test::tiny_config("mamba"), lora, 3);
   auto backend = make_cpu_backend(DType::F64), other = make_cpu_backend(DType::F64);
   const auto p = test::run_documents(*backend, dir / "model", lora, params, packed, 4, true, 0);
   const auto u = test::run_documents(*other, dir / "model", lora, params, unpacked, 4, true, 0);
