@@ -345,10 +345,10 @@ class CudaBackend final : public Backend {
     return static_cast<std::byte*>(workspace) +
            weight_workspace_bytes(op.base->out_features, op.base->in_features, op.lora->rank);
   }
-  // The K-concatenated GEMM needs h in x's columns and whole 16-byte rows: in a multiple of 16 (the
-  // dequantizer's stores), the rank and ldx multiples of 8. Other shapes take the two-GEMM path.
+  // The K-concatenated GEMM needs h in x's columns and whole 16-byte rows: in (the dequantizer's
+  // stores), the rank and ldx multiples of 8. Other shapes take the two-GEMM path.
   static bool folds_lora_into_base_gemm(const LinearOp& op, int64_t ldx) {
-    return op.lora && op.h_in_x_columns && op.base->in_features % 16 == 0 && op.lora->rank % 8 == 0 && ldx % 8 == 0;
+    return op.lora && op.h_in_x_columns && op.base->in_features % 8 == 0 && op.lora->rank % 8 == 0 && ldx % 8 == 0;
   }
   uint16_t* dequantize(const Nf4Weight& w, void* workspace) {
     uint16_t* out = bf16(workspace);

@@ -16,9 +16,11 @@
 namespace ssmtune::cuda {
 namespace {
 
-__constant__ float nf4_code[16];
+// The code and the map are read with lane-dependent indices, which constant memory would serialize:
+// global memory serves them from L1. The thresholds are read uniformly (nf4_encode).
+__device__ float nf4_code[16];
 __constant__ float nf4_thresholds[15];
-__constant__ float dynamic_map[256];
+__device__ float dynamic_map[256];
 
 constexpr unsigned kFullWarp = 0xffffffffu;
 constexpr int kWarpSize = 32;
@@ -88,68 +90,111 @@ __global__ void nf4_nested_kernel(const float* __restrict__ block_absmax, int64_
   absmax_codes[b] = nested > 0.0f ? dynamic_map_search(__fmul_rn(centred, __frcp_rn(nested)), map) : 0;
 }
 
-// Dequantization: each thread expands kDequantBytes packed bytes (one 8-byte load) into 16 bf16 (two
-// 16-byte stores), so the kernel moves wide words, near copy bandwidth; the last numel % 16 elements go
-// one byte per thread. A 64-block is 4 threads' bytes: each computes the block's absmax itself, once. The
-// NF4 code and the absmax codes' map are read from shared memory, where the lanes' different indices hit
-// different banks (constant memory would serialize them: a warp's bytes span 8 absmax blocks).
+// Dequantization. A warp expands a tile of 512 packed bytes (1024 weights, 16 absmax blocks): lane l
+// takes the 4-byte words at k * 128 + 4 l (k = 0..3), so each of the warp's loads reads 128 contiguous
+// bytes and each of its 16-byte stores writes 512 contiguous bytes: every sector is written whole by one
+// instruction (a lane's 32 consecutive output bytes would leave each store instruction half a sector).
+// Lanes 0..15 form the tile's 16 absmax values, both levels, and the lanes take theirs by shuffle; lane l
+// also holds NF4 code value l % 16, and each nibble is looked up by shuffle. No shared memory and no
+// barrier: the warps are independent. Bytes past the last whole tile go one per thread.
 constexpr int kDequantThreads = 256;
-constexpr int64_t kDequantBytes = 8;
-static_assert(cpu::kNf4BlockSize % (2 * kDequantBytes) == 0, "a thread's bytes lie in one 64-block");
+constexpr int kWordsPerLane = 4;
+constexpr int64_t kTileBytes = int64_t{kWarpSize} * 4 * kWordsPerLane;
+constexpr int kTileBlocks = static_cast<int>(2 * kTileBytes / cpu::kNf4BlockSize);
+static_assert(kTileBlocks <= kWarpSize && cpu::kNf4NestedBlockSize % kTileBlocks == 0,
+              "a tile's absmax blocks fit a warp and lie in one nested block");
+static_assert(cpu::kNf4BlockSize % 8 == 0, "a 4-byte word (8 weights) lies in one 64-block");
 
-// Both levels for the 64-block holding `element`. The products and the sum are rounded separately
+// Both levels for the 64-block `block`. The products and the sum are rounded separately
 // (__fmul_rn/__fadd_rn: no fused multiply-add), so every weight equals the CPU reference bit for bit
 // before the final rounding to bf16.
 __device__ float dequantized_absmax(const uint8_t* __restrict__ absmax_codes, const float* __restrict__ nested_absmax,
-                                    float nested_offset, const float* map, int64_t element) {
-  const int64_t block = element / cpu::kNf4BlockSize;
-  return __fadd_rn(__fmul_rn(map[absmax_codes[block]], nested_absmax[block / cpu::kNf4NestedBlockSize]),
+                                    float nested_offset, int64_t block) {
+  return __fadd_rn(__fmul_rn(dynamic_map[absmax_codes[block]], nested_absmax[block / cpu::kNf4NestedBlockSize]),
                    nested_offset);
 }
 
 // The two weights of a packed byte (even element in the high nibble) as a bf16 pair, first in the low half.
-__device__ uint32_t dequantize_byte(uint32_t byte, float absmax, const float* code) {
-  const __nv_bfloat162 pair =
-      __floats2bfloat162_rn(__fmul_rn(code[byte >> 4], absmax), __fmul_rn(code[byte & 0x0F], absmax));
+// lane_code: NF4 code value lane % 16; every lane of the warp must call (the lookups are shuffles).
+__device__ uint32_t dequantize_byte(uint32_t byte, float absmax, float lane_code) {
+  const float high = __shfl_sync(kFullWarp, lane_code, static_cast<int>(byte >> 4));
+  const float low = __shfl_sync(kFullWarp, lane_code, static_cast<int>(byte & 0x0F));
+  const __nv_bfloat162 pair = __floats2bfloat162_rn(__fmul_rn(high, absmax), __fmul_rn(low, absmax));
   uint32_t bits;
   memcpy(&bits, &pair, sizeof(bits));
   return bits;
 }
 
-// Threads [0, full_groups) take kDequantBytes bytes each; the next tail_bytes threads one byte each.
-// packed must be 8-byte and out 16-byte aligned (checked by the launcher). groups_per_row == 0: out is
-// dense; else out has rows of groups_per_row groups each, out_row_pairs bf16 pairs apart (no tail then).
+// Where the bf16 pair of packed byte b goes, in pairs from out: b itself for a dense weight; for rows of
+// row_bytes packed bytes stored row_pairs pairs apart, its row's start plus its column. A 4-byte word
+// never straddles two rows (row_bytes is a multiple of 4, checked by the launcher).
+struct DenseOut {
+  __device__ int64_t pair(int64_t byte) const { return byte; }
+};
+struct RowsOut {
+  uint32_t row_bytes, row_pairs;
+  __device__ int64_t pair(int64_t byte) const {
+    const uint32_t b = static_cast<uint32_t>(byte), row = b / row_bytes;  // bytes < 2^32: checked by the launcher
+    return static_cast<int64_t>(row) * row_pairs + (b - row * row_bytes);
+  }
+};
+
+// Warps [0, tiles) take a tile each; the threads after them a byte each (whole warps: the grid is a
+// multiple of the block, so every lane of a warp reaches the shuffles).
+template <typename Out>
 __global__ void __launch_bounds__(kDequantThreads)
     nf4_dequantize_kernel(const uint8_t* __restrict__ packed, const uint8_t* __restrict__ absmax_codes,
-                          const float* __restrict__ nested_absmax, float nested_offset, int64_t full_groups,
-                          int64_t tail_bytes, int64_t groups_per_row, int64_t out_row_pairs,
-                          uint32_t* __restrict__ out) {
-  __shared__ float code[16], map[256];
-  static_assert(kDequantThreads == 256, "one thread per entry of the map");
-  if (threadIdx.x < 16) code[threadIdx.x] = nf4_code[threadIdx.x];
-  map[threadIdx.x] = dynamic_map[threadIdx.x];
-  __syncthreads();
-  const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (j < full_groups) {
-    const uint2 bytes = reinterpret_cast<const uint2*>(packed)[j];
-    const float absmax = dequantized_absmax(absmax_codes, nested_absmax, nested_offset, map, j * 2 * kDequantBytes);
-    uint32_t pairs[kDequantBytes];
+                          const float* __restrict__ nested_absmax, float nested_offset, int64_t tiles,
+                          int64_t bytes, Out layout, uint32_t* __restrict__ out) {
+  const int64_t thread = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t tile = thread / kWarpSize;
+  const int lane = static_cast<int>(threadIdx.x % kWarpSize);
+  const float lane_code = nf4_code[lane % 16];
+  if (tile < tiles) {
+    const int64_t first_byte = tile * kTileBytes;
+    uint32_t words[kWordsPerLane];
 #pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      pairs[k] = dequantize_byte((bytes.x >> (8 * k)) & 0xFF, absmax, code);
-      pairs[4 + k] = dequantize_byte((bytes.y >> (8 * k)) & 0xFF, absmax, code);
+    for (int k = 0; k < kWordsPerLane; ++k)
+      words[k] = reinterpret_cast<const uint32_t*>(packed + first_byte)[k * kWarpSize + lane];
+    const float block_absmax = lane < kTileBlocks ? dequantized_absmax(absmax_codes, nested_absmax, nested_offset,
+                                                                       tile * kTileBlocks + lane)
+                                                  : 0.0f;
+#pragma unroll
+    for (int k = 0; k < kWordsPerLane; ++k) {
+      // Word k of lane l starts at byte k * 128 + 4 l of the tile: 64-block 4 k + l / 8 (32 bytes each).
+      const float absmax = __shfl_sync(kFullWarp, block_absmax, k * (kWarpSize * 4 / 32) + lane / 8);
+      uint32_t pairs[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) pairs[i] = dequantize_byte((words[k] >> (8 * i)) & 0xFF, absmax, lane_code);
+      const int64_t byte = first_byte + 4 * (k * kWarpSize + lane);
+      *reinterpret_cast<uint4*>(out + layout.pair(byte)) = make_uint4(pairs[0], pairs[1], pairs[2], pairs[3]);
     }
-    const int64_t first_pair = groups_per_row == 0 ? j * kDequantBytes
-                                                   : (j / groups_per_row) * out_row_pairs +
-                                                         (j % groups_per_row) * kDequantBytes;
-    uint4* target = reinterpret_cast<uint4*>(out + first_pair);
-    target[0] = make_uint4(pairs[0], pairs[1], pairs[2], pairs[3]);
-    target[1] = make_uint4(pairs[4], pairs[5], pairs[6], pairs[7]);
-  } else if (j < full_groups + tail_bytes) {
-    const int64_t byte = full_groups * kDequantBytes + (j - full_groups);
-    out[byte] = dequantize_byte(packed[byte],
-                                dequantized_absmax(absmax_codes, nested_absmax, nested_offset, map, 2 * byte), code);
+  } else {
+    const int64_t byte = tiles * kTileBytes + (thread - tiles * kWarpSize);
+    const bool inside = byte < bytes;
+    const uint32_t pair = dequantize_byte(
+        inside ? packed[byte] : 0,
+        inside ? dequantized_absmax(absmax_codes, nested_absmax, nested_offset, 2 * byte / cpu::kNf4BlockSize) : 0.0f,
+        lane_code);
+    if (inside) out[layout.pair(byte)] = pair;
   }
+}
+
+// One launch: a warp per whole tile, then a thread per byte left.
+template <typename Out>
+void launch_dequantize(const char* what, const uint8_t* packed, const uint8_t* absmax_codes,
+                       const float* nested_absmax, float nested_offset, int64_t bytes, Out layout, uint16_t* out,
+                       void* stream) {
+  if (reinterpret_cast<uintptr_t>(packed) % 4 != 0 || reinterpret_cast<uintptr_t>(out) % 16 != 0)
+    throw std::invalid_argument(std::string(what) + ": packed must be 4-byte and out 16-byte aligned");
+  const int64_t tiles = bytes / kTileBytes, tail_bytes = bytes % kTileBytes;
+  const int64_t blocks = (tiles * kWarpSize + tail_bytes + kDequantThreads - 1) / kDequantThreads;
+  if (blocks == 0) return;
+  if (blocks > INT_MAX)
+    throw std::invalid_argument(std::string(what) + ": " + std::to_string(2 * bytes) + " elements exceed one launch");
+  nf4_dequantize_kernel<<<static_cast<unsigned>(blocks), kDequantThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+      packed, absmax_codes, nested_absmax, nested_offset, tiles, bytes, layout, reinterpret_cast<uint32_t*>(out));
+  SSMTUNE_CUDA_CHECK(cudaGetLastError(), what);
 }
 
 }  // namespace
@@ -200,41 +245,22 @@ void nf4_dequantize_bf16(const uint8_t* packed, const uint8_t* absmax_codes, con
   if (numel < 0 || numel % 2 != 0)
     throw std::invalid_argument("nf4_dequantize_bf16: numel must be even and non-negative, got " +
                                 std::to_string(numel));
-  if (reinterpret_cast<uintptr_t>(packed) % kDequantBytes != 0 || reinterpret_cast<uintptr_t>(out) % 16 != 0)
-    throw std::invalid_argument("nf4_dequantize_bf16: packed must be 8-byte and out 16-byte aligned");
-  const int64_t num_bytes = numel / 2;
-  const int64_t full_groups = num_bytes / kDequantBytes, tail_bytes = num_bytes % kDequantBytes;
-  const int64_t blocks = (full_groups + tail_bytes + kDequantThreads - 1) / kDequantThreads;
-  if (blocks == 0) return;
-  if (blocks > INT_MAX)
-    throw std::invalid_argument("nf4_dequantize_bf16: " + std::to_string(numel) + " elements exceed one launch");
-  nf4_dequantize_kernel<<<static_cast<unsigned>(blocks), kDequantThreads, 0, static_cast<cudaStream_t>(stream)>>>(
-      packed, absmax_codes, nested_absmax, nested_offset, full_groups, tail_bytes, 0, 0,
-      reinterpret_cast<uint32_t*>(out));
-  SSMTUNE_CUDA_CHECK(cudaGetLastError(), "nf4_dequantize_bf16 launch");
+  launch_dequantize("nf4_dequantize_bf16", packed, absmax_codes, nested_absmax, nested_offset, numel / 2, DenseOut{},
+                    out, stream);
 }
 
 void nf4_dequantize_bf16_rows(const uint8_t* packed, const uint8_t* absmax_codes, const float* nested_absmax,
                               float nested_offset, int64_t rows, int64_t cols, int64_t ld, uint16_t* out,
                               void* stream) {
-  constexpr int64_t kGroupElements = 2 * kDequantBytes;
-  if (rows < 0 || cols <= 0 || cols % kGroupElements != 0 || ld < cols || ld % 8 != 0)
-    throw std::invalid_argument("nf4_dequantize_bf16_rows: needs cols a positive multiple of " +
-                                std::to_string(kGroupElements) + " and a row stride >= cols, a multiple of 8; got "
-                                "rows " + std::to_string(rows) + ", cols " + std::to_string(cols) + ", ld " +
-                                std::to_string(ld));
-  if (reinterpret_cast<uintptr_t>(packed) % kDequantBytes != 0 || reinterpret_cast<uintptr_t>(out) % 16 != 0)
-    throw std::invalid_argument("nf4_dequantize_bf16_rows: packed must be 8-byte and out 16-byte aligned");
-  const int64_t groups_per_row = cols / kGroupElements, full_groups = rows * groups_per_row;
-  const int64_t blocks = (full_groups + kDequantThreads - 1) / kDequantThreads;
-  if (blocks == 0) return;
-  if (blocks > INT_MAX)
+  if (rows < 0 || cols <= 0 || cols % 8 != 0 || ld < cols || ld % 8 != 0)
+    throw std::invalid_argument("nf4_dequantize_bf16_rows: needs cols a positive multiple of 8 and a row stride "
+                                ">= cols, a multiple of 8; got rows " + std::to_string(rows) + ", cols " +
+                                std::to_string(cols) + ", ld " + std::to_string(ld));
+  if (rows * cols / 2 > int64_t{UINT32_MAX} || ld / 2 > int64_t{UINT32_MAX})
     throw std::invalid_argument("nf4_dequantize_bf16_rows: " + std::to_string(rows * cols) +
-                                " elements exceed one launch");
-  nf4_dequantize_kernel<<<static_cast<unsigned>(blocks), kDequantThreads, 0, static_cast<cudaStream_t>(stream)>>>(
-      packed, absmax_codes, nested_absmax, nested_offset, full_groups, 0, groups_per_row, ld / 2,
-      reinterpret_cast<uint32_t*>(out));
-  SSMTUNE_CUDA_CHECK(cudaGetLastError(), "nf4_dequantize_bf16_rows launch");
+                                " elements exceed the 32-bit row arithmetic (2^33 at most)");
+  launch_dequantize("nf4_dequantize_bf16_rows", packed, absmax_codes, nested_absmax, nested_offset, rows * cols / 2,
+                    RowsOut{static_cast<uint32_t>(cols / 2), static_cast<uint32_t>(ld / 2)}, out, stream);
 }
 
 }  // namespace ssmtune::cuda

@@ -29,8 +29,8 @@ void nf4_dequantize_bf16(const uint8_t* packed, const uint8_t* absmax_codes, con
                          float nested_offset, int64_t numel, uint16_t* out, void* stream);
 
 // The same for a weight of rows x cols into out with row stride ld, the columns past cols untouched (the
-// LoRA up-projection goes there: framework/backend.h, h_in_x_columns). cols must be a multiple of 16
-// and ld a multiple of 8 (whole 16-byte stores).
+// LoRA up-projection goes there: framework/backend.h, h_in_x_columns). cols and ld must be multiples
+// of 8 (whole 16-byte stores).
 void nf4_dequantize_bf16_rows(const uint8_t* packed, const uint8_t* absmax_codes, const float* nested_absmax,
                               float nested_offset, int64_t rows, int64_t cols, int64_t ld, uint16_t* out,
                               void* stream);

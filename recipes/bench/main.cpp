@@ -7,10 +7,12 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <string_view>
 
 #include "recipes/bench/entries.h"
 #include "recipes/bench/harness.h"
 #include "recipes/bench/long_sequences.h"
+#include "recipes/bench/targets.h"
 #include "recipes/bench/train_steps.h"
 
 namespace {
@@ -41,6 +43,7 @@ int main(int argc, char** argv) {
   steps.models = {"130m", "1.4b", "2.8b"};
   std::string recompute = "both", packing = "off", json;
   bool run_long = false;
+  std::string only;
   LongOptions long_options;
   app.add_flag("--kernels,!--no-kernels", run_kernels, "benchmark the kernels (default on)");
   app.add_flag("--steps,!--no-steps", run_steps, "benchmark whole training steps (default on)");
@@ -59,6 +62,7 @@ int main(int argc, char** argv) {
                  "training steps on unpacked rows (off), rows packing documents of 300-1000 tokens (on), or both")
       ->check(CLI::IsMember({"on", "off", "both"}))
       ->capture_default_str();
+  app.add_option("--only", only, "only the kernel families whose title contains this text, e.g. \"selective scan\"");
   app.add_option("--json", json, "write every number measured to this JSON file");
   app.add_option("--warmup", warmup, "untimed runs of each kernel before timing")->check(CLI::Range(1, 1000))
       ->capture_default_str();
@@ -133,6 +137,7 @@ int main(int argc, char** argv) {
       fmt::print("  copy {:.2f} TB/s, bf16 GEMM {:.0f} TFLOP/s{}\n", ceilings.copy_bytes_per_second() * 1e-12,
                  ceilings.gemm_flops_per_second() * 1e-12, ceilings.error.empty() ? "" : "; errors: " + ceilings.error);
       for (const Family& family : kFamilies) {
+        if (std::string_view(family.title).find(only) == std::string_view::npos) continue;
         fmt::print("{}\n", family.title);
         std::fflush(stdout);
         family.run(bench);
@@ -153,6 +158,7 @@ int main(int argc, char** argv) {
     }
     if (run_kernels) print_kernel_table(ceilings, kernels);
     if (run_steps) print_step_table(step_results);
+    print_target_table(ceilings, kernels, step_results);
     const bool failed = !ceilings.error.empty() ||
                         std::any_of(kernels.begin(), kernels.end(), [](const auto& k) { return !k.error.empty(); }) ||
                         std::any_of(step_results.begin(), step_results.end(),
