@@ -157,7 +157,7 @@ int main(int argc, char** argv) {
       fmt::print("wrote {}\n", json);
     }
     if (run_kernels) print_kernel_table(ceilings, kernels);
-    if (run_steps) print_step_table(step_results);
+    if (run_steps) print_step_table(ceilings, step_results);
     print_target_table(ceilings, kernels, step_results);
     const bool failed = !ceilings.error.empty() ||
                         std::any_of(kernels.begin(), kernels.end(), [](const auto& k) { return !k.error.empty(); }) ||

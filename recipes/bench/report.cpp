@@ -26,6 +26,11 @@ nlohmann::json optional_json(const std::optional<T>& value) {
   return value ? nlohmann::json(*value) : nlohmann::json(nullptr);
 }
 
+// The GEMM rate MFU is judged against: this run's ceiling, or REFERENCE.md's where it was not measured.
+double mfu_ceiling(const Ceilings& c) {
+  return c.gemm_flops_per_second() > 0 ? c.gemm_flops_per_second() : peers::kGemmFlopsPerSecond;
+}
+
 }  // namespace
 
 double KernelResult::fraction_of_ceiling(const Ceilings& c) const {
@@ -71,10 +76,11 @@ std::string StepResult::recompute_label() const {
   return checkpoint_every > 1 ? fmt::format("on/k{}", checkpoint_every) : "on";
 }
 
-void print_step_table(const std::vector<StepResult>& steps) {
-  fmt::print("\n{:<11} {:<7} {:<6} {:>6} {:>9} {:>8} {:>8} {:>8} {:>9} {:>8} {:>7} {:>8} {:>6}\n", "model", "recomp",
-             "packed", "batch", "tokens/s", "step_ms", "plan_GiB", "used_GiB", "HF_tok/s", "ours/HF", "HF_GiB",
-             "mem/HF", "loss");
+void print_step_table(const Ceilings& c, const std::vector<StepResult>& steps) {
+  const double gemm = mfu_ceiling(c);
+  fmt::print("\n{:<11} {:<7} {:<6} {:>6} {:>9} {:>8} {:>5} {:>8} {:>8} {:>9} {:>8} {:>7} {:>8} {:>6}\n", "model",
+             "recomp", "packed", "batch", "tokens/s", "step_ms", "MFU", "plan_GiB", "used_GiB", "HF_tok/s", "ours/HF",
+             "HF_GiB", "mem/HF", "loss");
   for (const StepResult& s : steps) {
     if (!s.error.empty()) {
       fmt::print("{:<11} {:<7} {:<6} FAILED: {}\n", s.model, s.recompute_label(), s.packed ? "yes" : "no",
@@ -82,9 +88,9 @@ void print_step_table(const std::vector<StepResult>& steps) {
       continue;
     }
     const double tokens = s.tokens_per_second(), used = static_cast<double>(s.in_use_bytes);
-    fmt::print("{:<11} {:<7} {:<6} {:>6} {:>9.0f} {:>8.1f} {:>8.2f} {:>8.2f} {:>9} {:>8} {:>7} {:>8} {:>6.3f}\n",
+    fmt::print("{:<11} {:<7} {:<6} {:>6} {:>9.0f} {:>8.1f} {:>4.0f}% {:>8.2f} {:>8.2f} {:>9} {:>8} {:>7} {:>8} {:>6.3f}\n",
                s.model, s.recompute_label(), s.packed ? "yes" : "no", fmt::format("{}x{}", s.batch, s.seq_len),
-               tokens, s.median_seconds * 1e3,
+               tokens, s.median_seconds * 1e3, 100 * s.mfu(gemm),
                static_cast<double>(s.planned_bytes) / kGiB, used / kGiB,
                or_dash(s.hf_tokens_per_second.has_value(), fmt::format("{:.0f}", s.hf_tokens_per_second.value_or(0))),
                or_dash(s.hf_tokens_per_second.has_value(),
@@ -93,7 +99,10 @@ void print_step_table(const std::vector<StepResult>& steps) {
                or_dash(s.hf_peak_bytes.has_value(), fmt::format("{:.2f}", used / s.hf_peak_bytes.value_or(1))),
                s.losses.empty() ? 0.0 : s.losses.back());
   }
-  fmt::print("(used: cudaMemGetInfo total-free after the timed steps, CUDA context included; nothing allocates in a\n"
+  fmt::print("(MFU: model FLOPs, forward + backward as `ssmtune info` counts them without the recomputation, per\n"
+             " second over {} GEMM ceiling, {:.0f} TFLOP/s;\n",
+             c.gemm_flops_per_second() > 0 ? "this run's" : "REFERENCE.md's", gemm * 1e-12);
+  fmt::print(" used: cudaMemGetInfo total-free after the timed steps, CUDA context included; nothing allocates in a\n"
              " step, so it is also the peak. HF: bf16 base, LoRA on in/x/dt_proj; ours: NF4 base, LoRA on all four.\n"
              " loss: mean token loss of the last step on random tokens; the random init (HF's, embeddings tied at\n"
              " std 0.1) gives each token's own logit ~0.1 * d_model, so it starts near 70, 190, 235 for 130m,\n"
@@ -153,6 +162,9 @@ void write_json(const std::filesystem::path& path, const DeviceInfo& device, con
       row["step_seconds"] = s.step_seconds;
       row["median_step_seconds"] = s.median_seconds;
       row["tokens_per_second"] = s.tokens_per_second();
+      row["model_flops_per_token"] = s.model_flops_per_token;
+      row["mfu"] = s.mfu(mfu_ceiling(c));
+      row["mfu_ceiling_flops_per_second"] = mfu_ceiling(c);
       row["losses"] = s.losses;
       row["planned_bytes"] = s.planned_bytes;
       row["weights_bytes"] = s.weights_bytes;

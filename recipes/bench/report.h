@@ -55,6 +55,8 @@ struct StepResult {
   size_t planned_bytes = 0;          // Backend::allocated_bytes: weights, adapters, activations
   size_t weights_bytes = 0, adapter_params = 0, activation_bytes = 0;
   size_t in_use_bytes = 0;           // cudaMemGetInfo total - free after the timed steps
+  double model_flops_per_token = 0;  // forward + backward as `ssmtune info` counts them (framework/model_info.h),
+                                     // without the recomputation: what model FLOPs utilisation counts
   std::optional<double> hf_tokens_per_second, hf_peak_bytes;
   std::string error;
 
@@ -63,10 +65,15 @@ struct StepResult {
   double tokens_per_second() const {
     return median_seconds > 0 ? static_cast<double>(batch * seq_len) / median_seconds : 0;
   }
+  // Model FLOPs utilisation against a GEMM rate: nearly all of the model FLOPs are GEMMs.
+  double mfu(double gemm_flops_per_second) const {
+    return gemm_flops_per_second > 0 ? tokens_per_second() * model_flops_per_token / gemm_flops_per_second : 0;
+  }
 };
 
 void print_kernel_table(const Ceilings& ceilings, const std::vector<KernelResult>& kernels);
-void print_step_table(const std::vector<StepResult>& steps);
+// MFU against this run's GEMM ceiling, or REFERENCE.md's where it was not measured.
+void print_step_table(const Ceilings& ceilings, const std::vector<StepResult>& steps);
 void write_json(const std::filesystem::path& path, const DeviceInfo& device, const Ceilings& ceilings,
                 const std::vector<KernelResult>& kernels, const std::vector<StepResult>& steps);
 

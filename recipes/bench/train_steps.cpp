@@ -13,6 +13,7 @@
 #include "framework/error.h"
 #include "framework/lora.h"
 #include "framework/mamba_model.h"
+#include "framework/model_info.h"
 #include "framework/model_sizes.h"
 #include "framework/optimizer.h"
 #include "framework/train_step.h"
@@ -102,6 +103,7 @@ StepResult run_steps(Backend& backend, const MambaWeights& weights, LoraAdapters
       if (i >= options.warmup_steps) r.step_seconds.push_back(timed.seconds);
     }
     r.median_seconds = median(r.step_seconds);
+    r.model_flops_per_token = flops_per_token(weights.config(), adapters.config()).step(false);
     r.planned_bytes = backend.allocated_bytes();
     r.weights_bytes = weights.bytes();
     r.adapter_params = static_cast<size_t>(adapters.numel());
