@@ -310,4 +310,9 @@ TrainingState load_checkpoint(const fs::path& dir, LoraAdapters& adapters) {
   return state;
 }
 
+void verify_exported_files(const std::filesystem::path& dir) {
+  const CheckpointManifest manifest = CheckpointManifest::read(dir);
+  for (const char* file : {kRecipeFile, kAdapterFile}) manifest.verify(file);
+}
+
 }  // namespace ssmtune

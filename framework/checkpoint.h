@@ -77,4 +77,10 @@ std::vector<std::string> remove_interrupted_saves(const std::filesystem::path& o
 // not match the manifest, and the file and tensor when the checkpoint does not fit the adapters' layout.
 TrainingState load_checkpoint(const std::filesystem::path& dir, LoraAdapters& adapters);
 
+// What the exports (PEFT adapter, merged model) read of a checkpoint, the recipe and the adapters,
+// verified against its manifest: an Error names the file when the checkpoint is unfinished (no manifest)
+// or one of them does not match. The optimizer state and the training state, which only resuming reads,
+// are not checked, so damage there does not keep the adapters from being exported.
+void verify_exported_files(const std::filesystem::path& dir);
+
 }  // namespace ssmtune

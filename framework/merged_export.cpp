@@ -9,7 +9,6 @@
 #include "framework/atomic_directory.h"
 #include "framework/atomic_file.h"
 #include "framework/checkpoint.h"
-#include "framework/checkpoint_manifest.h"
 #include "framework/error.h"
 #include "framework/model_files.h"
 #include "framework/recipe_config.h"
@@ -103,7 +102,7 @@ fs::path base_model_dir(const RecipeConfig& recipe, const fs::path& checkpoint_d
 void export_merged_model(const fs::path& checkpoint_dir, const fs::path& out_dir, const MergedExportOptions& options) {
   if (options.dtype != DType::F32 && options.dtype != DType::BF16 && options.dtype != DType::F16)
     fail("merged export: dtype {} is not one of F32, BF16, F16", dtype_name(options.dtype));
-  CheckpointManifest::read(checkpoint_dir).verify_all();  // a damaged or unfinished checkpoint exports nothing
+  verify_exported_files(checkpoint_dir);  // an unfinished checkpoint, or damaged adapters, export nothing
   const RecipeConfig recipe = load_recipe(checkpoint_dir / kRecipeFile, {});
   const ModelFiles files = ModelFiles::open(base_model_dir(recipe, checkpoint_dir, options.model));
   const ShardedSafetensors& tensors = files.tensors();

@@ -4,7 +4,6 @@
 
 #include "framework/atomic_file.h"
 #include "framework/checkpoint.h"
-#include "framework/checkpoint_manifest.h"
 #include "framework/error.h"
 #include "framework/recipe_config.h"
 #include "framework/safetensors.h"
@@ -16,7 +15,7 @@ static constexpr const char* kPeftFormatVersion = "0.21.0";
 
 std::vector<std::string> export_peft_adapter(const std::filesystem::path& checkpoint_dir,
                                              const std::filesystem::path& out_dir) {
-  CheckpointManifest::read(checkpoint_dir).verify_all();  // a damaged or unfinished checkpoint exports nothing
+  verify_exported_files(checkpoint_dir);  // an unfinished checkpoint, or damaged adapters, export nothing
   const RecipeConfig recipe = load_recipe(checkpoint_dir / kRecipeFile, {});
   const LoraConfig& lora = recipe.lora;
   std::vector<std::string> warnings;

@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 
 #include "framework/atomic_file.h"
+#include "framework/checkpoint.h"
 #include "framework/checkpoint_manifest.h"
 #include "framework/cpu_backend.h"
 #include "framework/mamba_model.h"
@@ -59,6 +60,7 @@ struct Setup {
       }
     adapter.write(checkpoint / "adapter.safetensors");
     std::ofstream(checkpoint / "state.json") << "{}";
+    std::ofstream(checkpoint / kOptimizerFile) << std::string(64, 'm');  // stands in for the moments
     write_recipe(base);
   }
   // recipe.yaml, and the manifest listing it as it now is.
@@ -67,7 +69,7 @@ struct Setup {
                                               << (dir / "data.h5").string() << "\nlora:\n  rank: " << kRank
                                               << "\n  alpha: " << kAlpha << "\n  targets: " << target_list
                                               << "\ntrain:\n  output_dir: " << (dir / "run").string() << "\n";
-    write_manifest(checkpoint, {"adapter.safetensors", "state.json", "recipe.yaml"});
+    write_manifest(checkpoint, {"adapter.safetensors", "state.json", kOptimizerFile, "recipe.yaml"});
   }
   static Projection projection(const std::string& name) {
     for (Projection p : kProjections)
@@ -272,7 +274,7 @@ TEST_CASE("merged export errors name the checkpoint, base model, adapter or outp
   CHECK(read_text_file(out / "keep.txt") == "mine");
 }
 
-TEST_CASE("a checkpoint whose files do not match its manifest, or without one, exports nothing") {
+TEST_CASE("a checkpoint whose adapters do not match its manifest, or without one, exports nothing") {
   Setup s;
   const fs::path out = s.dir / "out";
   const fs::path adapter = s.checkpoint / "adapter.safetensors";
@@ -290,9 +292,21 @@ TEST_CASE("a checkpoint whose files do not match its manifest, or without one, e
   export_merged_model(s.checkpoint, out, {});
   CHECK(fs::exists(out / "model.safetensors"));
 
-  fs::remove(s.checkpoint / "state.json");
+  // What only resuming reads may be damaged: the adapters still export, and the same model comes out.
+  const std::string merged = read_text_file(out / "model.safetensors");
+  const fs::path optimizer = s.checkpoint / kOptimizerFile;
+  REQUIRE(fs::exists(optimizer));
+  std::string moments = read_text_file(optimizer);
+  moments[moments.size() / 2] ^= 0x01;
+  std::ofstream(optimizer, std::ios::binary) << moments;
+  fs::remove(s.checkpoint / kStateFile);
+  export_merged_model(s.checkpoint, s.dir / "out3", {});
+  CHECK(read_text_file(s.dir / "out3" / "model.safetensors") == merged);
+
+  fs::remove(s.checkpoint / kRecipeFile);
   message = error_message([&] { export_merged_model(s.checkpoint, s.dir / "out2", {}); });
-  CHECK(contains(message, (s.checkpoint / "state.json").string() + ": listed in manifest.json but cannot be read"));
+  CHECK(contains(message, (s.checkpoint / kRecipeFile).string() + ": listed in manifest.json but cannot be read"));
+  CHECK(!fs::exists(s.dir / "out2"));
   fs::remove(s.checkpoint / kManifestFile);  // a save that did not finish
   message = error_message([&] { export_merged_model(s.checkpoint, s.dir / "out2", {}); });
   CHECK(contains(message, (s.checkpoint / kManifestFile).string() + ": missing"));
