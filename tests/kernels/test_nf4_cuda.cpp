@@ -197,8 +197,8 @@ TEST_CASE("CUDA NF4 dequantize equals the CPU reference rounded to bf16") {
   const uint64_t seed = std::random_device{}();
   INFO("seed " << seed);
   std::mt19937_64 rng(seed);
-  // The last shape has more 512-byte tiles than two per warp of a full H100 wave (2 x 8448), so the
-  // persistent kernel's warps take several steps, and 296 bytes past the last tile.
+  // The last shape is a real weight's size: 18,017 tiles of 512 bytes, more warps than an H100 holds at
+  // once (8,448), and 296 bytes past the last tile, which the threads after the tiles take one each.
   std::vector<Shape> shapes = kShapes;
   shapes.push_back({4100, 4500});
   for (const Shape& shape : shapes) {
