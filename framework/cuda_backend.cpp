@@ -345,8 +345,8 @@ class CudaBackend final : public Backend {
     return static_cast<std::byte*>(workspace) +
            weight_workspace_bytes(op.base->out_features, op.base->in_features, op.lora->rank);
   }
-  // The K-concatenated GEMM needs h in x's columns and whole 16-byte rows: in (the dequantizer's
-  // stores), the rank and ldx multiples of 8. Other shapes take the two-GEMM path.
+  // The K-concatenated GEMM needs h in x's columns and whole 16-byte rows: in (for the dequantizer's
+  // 16-byte stores), the rank and ldx all multiples of 8. Other shapes take the two-GEMM path.
   static bool folds_lora_into_base_gemm(const LinearOp& op, int64_t ldx) {
     return op.lora && op.h_in_x_columns && op.base->in_features % 8 == 0 && op.lora->rank % 8 == 0 && ldx % 8 == 0;
   }

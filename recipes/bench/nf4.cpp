@@ -33,7 +33,7 @@ void bench_nf4_dequantize(KernelBench& bench) {
       // fixed costs of a kernel (launch, the first loads' latency, the L2 the flush left dirty) are a
       // visible share, so this copy reaches less of the 1 GiB copy than a large one.
       DeviceBuffer copy_from(static_cast<size_t>(bytes / 2)), copy_to(static_cast<size_t>(bytes / 2));
-      bench.record("d2d copy, same bytes", shape, Bound::bytes, 2.0 * copy_from.bytes(), {}, [&] {
+      bench.record(kSameBytesCopy, shape, Bound::bytes, 2.0 * copy_from.bytes(), {}, [&] {
         SSMTUNE_CUDA_CHECK(cudaMemcpyAsync(copy_to.as<void>(), copy_from.as<void>(), copy_from.bytes(),
                                            cudaMemcpyDeviceToDevice, static_cast<cudaStream_t>(bench.stream())),
                            "bench copy of the dequantize's bytes");

@@ -28,6 +28,10 @@ struct Ceilings {
 // Whether an entry is judged by the bytes it must move or by the arithmetic it must do.
 enum class Bound { bytes, flops };
 
+// The name of the row recipes/bench/nf4.cpp records beside the dequantize: a device-to-device copy of
+// the same bytes, which the target table (targets.cpp) sets the dequantize against.
+inline constexpr const char* kSameBytesCopy = "d2d copy, same bytes";
+
 struct KernelResult {
   std::string name, shape;
   Bound bound = Bound::bytes;

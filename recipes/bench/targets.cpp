@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 
 #include <string>
+#include <string_view>
 
 namespace ssmtune::bench {
 namespace {
@@ -43,26 +44,24 @@ constexpr StepTarget kStepTargets[] = {
     {"mamba-2.8b", 2, 24000, 6},
 };
 
-const KernelResult* find_kernel(const std::vector<KernelResult>& kernels, const KernelTarget& t) {
+const KernelResult* find_kernel(const std::vector<KernelResult>& kernels, std::string_view name,
+                                std::string_view shape) {
   for (const KernelResult& k : kernels)
-    if (k.name == t.name && k.shape == t.shape && k.error.empty()) return &k;
+    if (k.name == name && k.shape == shape && k.error.empty()) return &k;
   return nullptr;
 }
 
-// The setting shown for a step row: one meeting both targets if any, else the fastest within the
-// memory target, else the smallest.
+// The setting shown for a step row: the fastest within the memory target (it meets both targets if any
+// setting does), else the smallest.
 const StepResult* pick_step(const std::vector<StepResult>& steps, const StepTarget& t) {
-  const StepResult *best = nullptr, *fastest_within = nullptr, *smallest = nullptr;
+  const StepResult *fastest_within = nullptr, *smallest = nullptr;
   for (const StepResult& s : steps) {
     if (s.model != t.model || s.batch != t.batch || s.packed || !s.error.empty()) continue;
     const bool fits = static_cast<double>(s.in_use_bytes) / kGiB <= t.max_gib;
-    if (fits && s.tokens_per_second() >= t.min_tokens_per_second &&
-        (!best || s.tokens_per_second() > best->tokens_per_second()))
-      best = &s;
     if (fits && (!fastest_within || s.tokens_per_second() > fastest_within->tokens_per_second())) fastest_within = &s;
     if (!smallest || s.in_use_bytes < smallest->in_use_bytes) smallest = &s;
   }
-  return best ? best : fastest_within ? fastest_within : smallest;
+  return fastest_within ? fastest_within : smallest;
 }
 
 }  // namespace
@@ -73,7 +72,7 @@ void print_target_table(const Ceilings& c, const std::vector<KernelResult>& kern
              "met");
   int met = 0, judged = 0;
   for (const KernelTarget& t : kKernelTargets) {
-    const KernelResult* k = find_kernel(kernels, t);
+    const KernelResult* k = find_kernel(kernels, t.name, t.shape);
     if (!k) {
       fmt::print("{:<28} {:<22} not measured\n", t.name, t.shape);
       continue;
@@ -85,8 +84,7 @@ void print_target_table(const Ceilings& c, const std::vector<KernelResult>& kern
       case K::ceiling_fraction: {
         measured = fmt::format("{:.1f} us, {:.0f}% of copy", us, 100 * k->fraction_of_ceiling(c));
         // Beside it, the share of a copy of the same bytes (recipes/bench/nf4.cpp), where there is one.
-        const KernelTarget same_size{"d2d copy, same bytes", t.shape, K::ceiling_fraction, 0};
-        if (const KernelResult* copy = find_kernel(kernels, same_size))
+        if (const KernelResult* copy = find_kernel(kernels, kSameBytesCopy, t.shape))
           measured += fmt::format(" ({:.0f}% of same-size copy)", 100 * k->rate() / copy->rate());
         target = fmt::format(">= {:.0f}% of copy", 100 * t.value);
         ok = k->fraction_of_ceiling(c) >= t.value;
@@ -122,8 +120,8 @@ void print_target_table(const Ceilings& c, const std::vector<KernelResult>& kern
                fmt::format("{:.0f} tok/s, {:.2f} GiB", s->tokens_per_second(), gib),
                fmt::format(">= {:.0f} tok/s, <= {:.0f} GiB", t.min_tokens_per_second, t.max_gib), ok ? "yes" : "no");
   }
-  fmt::print("({} of {} measured rows met; a step row shows the setting meeting both targets, else the fastest\n"
-             " within the memory target, else the smallest)\n",
+  fmt::print("({} of {} measured rows met; a step row shows the fastest setting within the memory target, else\n"
+             " the smallest)\n",
              met, judged);
 }
 
