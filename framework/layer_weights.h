@@ -7,10 +7,10 @@
 //                     starts the all-gather of `next` into the other buffer, so that it travels while
 //                     layer i computes. The forward acquires (0, 1), (1, 2), ...; the backward (L-1, L-2),
 //                     ..., (0, -1), the same layer serving its recomputed forward and its backward (with
-//                     memory.checkpoint_every, each segment's layers upwards first, then downwards:
-//                     TrainStep::backward_layers). Layers
-//                     still held are not gathered again (the forward's last two serve the backward's
-//                     first two, the backward's last two the next forward's first two).
+//                     memory.checkpoint_every, each segment's layers upwards first (from its second
+//                     with memory.keep_layer_outputs), then downwards: TrainStep::backward_layers).
+//                     Layers still held are not gathered again (the forward's last two serve the
+//                     backward's first two, the backward's last two the next forward's first two).
 //
 // Ordering, all without blocking the host: the gather into a buffer starts after the compute issued so
 // far (which includes the last use of the layer it replaces: the Communicator orders each collective

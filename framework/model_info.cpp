@@ -49,7 +49,8 @@ MemoryEstimate memory_estimate(const BackendSizes& backend, const MambaConfig& m
   return m;
 }
 
-FlopsPerToken flops_per_token(const MambaConfig& model, const LoraConfig& lora, int64_t checkpoint_every) {
+FlopsPerToken flops_per_token(const MambaConfig& model, const LoraConfig& lora, int64_t checkpoint_every,
+                              bool keep_layer_outputs) {
   double gemm = 0, adapters = 0;
   for (Projection p : kProjections) {
     const auto [out, in] = projection_shape(model, p);
@@ -66,8 +67,9 @@ FlopsPerToken flops_per_token(const MambaConfig& model, const LoraConfig& lora, 
   // (two forwards' worth), the conv's dx, the scan's three, and dh of the LM head.
   f.backward = layers * (gemm + 2 * adapters + conv + 3 * scan) + head;
   f.recompute = layers * (gemm + adapters + conv + scan);
-  f.regenerate = static_cast<double>(TrainStep::regenerated_layer_forwards(model.n_layer, checkpoint_every)) *
-                 (gemm + adapters + conv + scan);
+  f.regenerate =
+      static_cast<double>(TrainStep::regenerated_layer_forwards(model.n_layer, checkpoint_every, keep_layer_outputs)) *
+      (gemm + adapters + conv + scan);
   return f;
 }
 
@@ -103,9 +105,12 @@ ModelInfo model_info(const RecipeConfig& recipe, int ranks) {
                                 recipe.distributed.shard_base_weights ? ranks : 1);
   StepShape other = recipe.step;
   other.recompute = !other.recompute;
-  if (!other.recompute) other.checkpoint_every = 1;  // segment checkpoints need recomputation
+  if (!other.recompute) {  // segment checkpoints need recomputation
+    other.checkpoint_every = 1;
+    other.keep_layer_outputs = false;
+  }
   info.step_other_recompute = TrainStep::planned_bytes(*backend, info.model, recipe.lora, other);
-  info.flops = flops_per_token(info.model, recipe.lora, recipe.step.checkpoint_every);
+  info.flops = flops_per_token(info.model, recipe.lora, recipe.step.checkpoint_every, recipe.step.keep_layer_outputs);
   return info;
 }
 

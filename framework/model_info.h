@@ -51,7 +51,7 @@ struct FlopsPerToken {
                          // conv and scan backward
   double recompute = 0;  // with memory.recompute: every layer's forward once more in the backward
   // with memory.checkpoint_every > 1 as well: the layer forwards that regenerate the layer inputs between
-  // checkpoints (TrainStep::regenerated_layer_forwards)
+  // checkpoints (TrainStep::regenerated_layer_forwards; none with memory.keep_layer_outputs)
   double regenerate = 0;
   double step(bool recompute_on) const { return forward + backward + (recompute_on ? recompute + regenerate : 0); }
 };
@@ -73,7 +73,8 @@ ParameterCounts parameter_counts(const MambaConfig& model, bool tied_lm_head, co
 MemoryEstimate memory_estimate(const BackendSizes& backend, const MambaConfig& model, bool tied_lm_head,
                                const LoraConfig& lora, const StepShape& shape, ShardIndex optimizer_shard,
                                int base_weight_shards = 1);
-FlopsPerToken flops_per_token(const MambaConfig& model, const LoraConfig& lora, int64_t checkpoint_every = 1);
+FlopsPerToken flops_per_token(const MambaConfig& model, const LoraConfig& lora, int64_t checkpoint_every = 1,
+                              bool keep_layer_outputs = false);
 
 // The backend sizes for a recipe's `device` without touching a device: cpu, or cuda (an Error in a build
 // without CUDA, as `train` gives); auto is the CUDA backend where the build has it (the machine that

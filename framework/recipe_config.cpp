@@ -148,6 +148,8 @@ RecipeConfig parse_recipe(const std::string& yaml_text, const std::string& sourc
       {"memory.scan_chunk", [&](const std::string& k) { r.step.scan_chunk = scalar<int64_t>(flat, k, source); }},
       {"memory.checkpoint_every",
        [&](const std::string& k) { r.step.checkpoint_every = scalar<int64_t>(flat, k, source); }},
+      {"memory.keep_layer_outputs",
+       [&](const std::string& k) { r.step.keep_layer_outputs = scalar<bool>(flat, k, source); }},
       {"memory.loss_slice", [&](const std::string& k) { r.step.loss_slice_rows = scalar<int64_t>(flat, k, source); }},
       {"memory.budget_mb", [&](const std::string& k) { r.memory_budget_mb = scalar<double>(flat, k, source); }},
   };

@@ -44,6 +44,9 @@ StepPlanBytes TrainStepBuffers::declare(Plan& plan, const BackendSizes& backend,
   if (k > 1 && !shape.recompute)
     fail("memory.checkpoint_every={} needs memory.recompute=true: without recomputation every layer's activations "
          "are kept, and the layer inputs with them (set memory.checkpoint_every=1)", k);
+  if (shape.keep_layer_outputs && k == 1)
+    fail("memory.keep_layer_outputs=true needs memory.checkpoint_every > 1: with 1 every layer's input is kept "
+         "and no residual is rebuilt from the layer outputs");
   const size_t act = dtype_size(backend.act_dtype()), master = dtype_size(backend.master_dtype());
   const int64_t T = shape.batch * shape.seq_len, D = c.d_inner, xdbl_cols = c.dt_rank + 2 * c.d_state;
   const ScanShape scan{shape.batch, shape.seq_len, D, c.d_state, shape.scan_chunk};
@@ -64,6 +67,10 @@ StepPlanBytes TrainStepBuffers::declare(Plan& plan, const BackendSizes& backend,
     if (residual_is_checkpoint(i, c.n_layer, k)) plan.add(&residual_[i], T * c.d_model * master);
   segment_residuals_.resize(static_cast<size_t>(std::min(k, c.n_layer) - 1));
   for (void*& r : segment_residuals_) plan.add(&r, T * c.d_model * master);
+  kept_layer_out_.assign(static_cast<size_t>(c.n_layer), nullptr);
+  for (int64_t j = 0; shape.keep_layer_outputs && j < c.n_layer; ++j)
+    if (!residual_is_checkpoint(j + 1, c.n_layer, k) && j + 1 < last_segment_first(c.n_layer, k))
+      plan.add(&kept_layer_out_[static_cast<size_t>(j)], T * c.d_model * act);
   layer_acts_.resize(shape.recompute ? 1 : static_cast<size_t>(c.n_layer));
   for (LayerActivations& a : layer_acts_) {
     plan.add(&a.hn, T * hn_cols_ * act);
@@ -122,6 +129,10 @@ bool TrainStepBuffers::residual_is_checkpoint(int64_t i, int64_t n_layer, int64_
   return i % checkpoint_every == 0 || i == n_layer;
 }
 
+int64_t TrainStepBuffers::last_segment_first(int64_t n_layer, int64_t checkpoint_every) {
+  return (n_layer - 1) / checkpoint_every * checkpoint_every;
+}
+
 void TrainStepBuffers::share_segment_residuals(int64_t checkpoint_every) {
   const auto n_layer = static_cast<int64_t>(residual_.size()) - 1;
   for (int64_t i = 0; i < n_layer; ++i)
@@ -158,11 +169,12 @@ StepPlanBytes TrainStep::planned_bytes(const BackendSizes& backend, const MambaC
   return unallocated.declare(plan, backend, model, lora, shape);
 }
 
-int64_t TrainStep::regenerated_layer_forwards(int64_t n_layer, int64_t checkpoint_every) {
+int64_t TrainStep::regenerated_layer_forwards(int64_t n_layer, int64_t checkpoint_every, bool keep_layer_outputs) {
   check_checkpoint_every(checkpoint_every);
+  if (keep_layer_outputs) return 0;
   // Every segment below the last, each of checkpoint_every layers, runs all but its last layer once more.
-  const int64_t last_segment_first = (n_layer - 1) / checkpoint_every * checkpoint_every;
-  return last_segment_first - last_segment_first / checkpoint_every;
+  const int64_t below_last = last_segment_first(n_layer, checkpoint_every);
+  return below_last - below_last / checkpoint_every;
 }
 
 void* TrainStep::act_at(void* base, int64_t elements) const {
@@ -258,10 +270,11 @@ void TrainStep::layer_forward(int64_t i, LayerActivations& a, bool add_previous_
   LoraPath lora;
   auto h = [&](Projection p) { return a.lora_h[static_cast<size_t>(p)]; };
 
-  // residual i = residual i-1 + mixer output of layer i-1, fused with this layer's norm.
+  // residual i = residual i-1 + output of layer i-1, fused with this layer's norm. The backward's forwards
+  // leave their outputs in mixer_out_: kept ones are the first forward's.
   if (add_previous_mixer)
-    backend_.rmsnorm_forward(residual_[i - 1], mixer_out_, residual_[i], w.norm_weight, a.hn, hn_cols_, a.rstd, T,
-                             c.d_model, c.layer_norm_epsilon);
+    backend_.rmsnorm_forward(residual_[i - 1], first_forward ? layer_output(i - 1) : mixer_out_, residual_[i],
+                             w.norm_weight, a.hn, hn_cols_, a.rstd, T, c.d_model, c.layer_norm_epsilon);
   else
     backend_.rmsnorm_forward(residual_[i], nullptr, nullptr, w.norm_weight, a.hn, hn_cols_, a.rstd, T, c.d_model,
                              c.layer_norm_epsilon);
@@ -305,8 +318,20 @@ void TrainStep::layer_forward(int64_t i, LayerActivations& a, bool add_previous_
                                     xdbl_cols, w.D, act_at(a.xz, D), 2 * D, a.y, y_cols_, a.states, scan_workspace_,
                                     boundaries_, carried_in ? carried->scan_initial : nullptr);
   }
-  backend_.linear_forward(linear(i, Projection::out_proj, lora, seed, stream), a.y, y_cols_, T, mixer_out_, c.d_model,
-                          h(Projection::out_proj), linear_workspace_);
+  backend_.linear_forward(linear(i, Projection::out_proj, lora, seed, stream), a.y, y_cols_, T,
+                          first_forward ? layer_output(i) : mixer_out_, c.d_model, h(Projection::out_proj),
+                          linear_workspace_);
+}
+
+void* TrainStep::layer_output(int64_t j) const {
+  void* kept = kept_layer_out_[static_cast<size_t>(j)];
+  return kept ? kept : mixer_out_;
+}
+
+void TrainStep::rebuild_residual(int64_t i, LayerActivations& a) {
+  const MambaConfig& c = weights_.config();
+  backend_.rmsnorm_forward(residual_[i - 1], kept_layer_out_[static_cast<size_t>(i - 1)], residual_[i],
+                           base_.layer(i).norm_weight, a.hn, hn_cols_, a.rstd, rows_, c.d_model, c.layer_norm_epsilon);
 }
 
 // Reads as layer_forward read backwards. On entry d_residual_ holds d(residual i+1) and d_act_model_ the
@@ -378,34 +403,41 @@ void TrainStep::forward_layers(uint64_t seed, uint64_t stream) {
     layer_forward(i, activations(i), i > 0, true, seed, stream);
   }
   base_.complete();
-  backend_.rmsnorm_forward(residual_[c.n_layer - 1], mixer_out_, residual_[c.n_layer], weights_.norm_f(),
-                           final_normed_, c.d_model, final_rstd_, rows_, c.d_model, c.layer_norm_epsilon);
+  backend_.rmsnorm_forward(residual_[c.n_layer - 1], layer_output(c.n_layer - 1), residual_[c.n_layer],
+                           weights_.norm_f(), final_normed_, c.d_model, final_rstd_, rows_, c.d_model,
+                           c.layer_norm_epsilon);
 }
 
 // forward_layers read backwards, one segment of layers [first, top) at a time from the last: segments of
 // checkpoint_every layers from layer 0 (one layer each when k = 1). A segment's inputs above its first
-// are gone (their buffers serve every segment), so its forward runs again from its checkpoint, residual
-// first, regenerating them; that forward of its last layer leaves the activations its backward reads,
-// and each layer below re-runs its own forward from its regenerated input (layer recomputation). The last
-// segment's inputs are still in place after forward_layers: there only the layer recomputation runs.
-// Base weights are acquired in that order, each acquire naming the layer acquired after it.
+// are gone (their buffers serve every segment), so the backward regenerates them upwards from its
+// checkpoint: by re-running its forward, residual first, whose run of its last layer leaves the
+// activations that layer's backward reads; or, with keep_layer_outputs, by adding the kept layer outputs
+// (rebuild_residual), after which its last layer too recomputes. Then each layer, downwards, re-runs its
+// own forward from its input (layer recomputation) and runs its backward. The last segment's inputs are
+// still in place after forward_layers: there only the layer recomputation runs. Base weights are acquired
+// in that order, each acquire naming the layer acquired after it.
 void TrainStep::backward_layers(uint64_t seed, uint64_t stream, const LayerBackwardDone& on_layer_backward_done) {
   const int64_t n_layer = weights_.config().n_layer, k = shape_.checkpoint_every;
   for (int64_t top = n_layer; top > 0;) {
     const int64_t first = (top - 1) / k * k;
     const int64_t next_segment = first > 0 ? (first - 1) / k * k : -1;  // the first layer it acquires
-    // Up from the segment's checkpoint, or only its last layer where its inputs are in place (the last
-    // segment, and every segment of one layer). Without recompute (then k = 1) this only acquires the layer.
-    const int64_t forward_from = shape_.recompute && top < n_layer ? first : top - 1;
-    for (int64_t j = forward_from; j < top; ++j) {
-      base_.acquire(j, j + 1 < top ? j + 1 : (top - 2 >= first ? top - 2 : next_segment));
-      if (shape_.recompute) layer_forward(j, activations(j), j > forward_from, false, seed, stream);
+    const int64_t after_top = top - 2 >= first ? top - 2 : next_segment;  // acquired after layer top-1
+    // The last segment, and every segment of one layer (k = 1, and always without recompute), has its
+    // inputs in place: there the pass up only acquires (and recomputes) its last layer.
+    const bool in_place = top == n_layer || first == top - 1;
+    const bool rebuilt = shape_.keep_layer_outputs && !in_place;
+    const int64_t up_from = rebuilt ? first + 1 : in_place ? top - 1 : first;
+    for (int64_t j = up_from; j < top; ++j) {
+      base_.acquire(j, j + 1 < top ? j + 1 : after_top);
+      if (rebuilt) rebuild_residual(j, activations(j));
+      else if (shape_.recompute) layer_forward(j, activations(j), j > up_from, false, seed, stream);
     }
     for (int64_t i = top - 1; i >= first; --i) {
-      if (i < top - 1) {  // a layer below the segment's last, which only k > 1 (with recompute) has
-        base_.acquire(i, i > first ? i - 1 : next_segment);
-        layer_forward(i, activations(i), false, false, seed, stream);
-      }
+      if (i < top - 1) base_.acquire(i, i > first ? i - 1 : next_segment);
+      // Below the segment's last layer (only k > 1, with recompute, has such), and the last one itself
+      // when the pass up only added.
+      if (i < top - 1 || rebuilt) layer_forward(i, activations(i), false, false, seed, stream);
       layer_backward(i, activations(i), seed, stream);
       if (on_layer_backward_done) on_layer_backward_done(i);
     }

@@ -3,7 +3,9 @@
 // gradients. Memory is planned once in the constructor (framework/arena.h): with recompute each layer
 // keeps only its input (the residual stream) and re-runs its forward in the backward; without, every
 // layer keeps its activations. With recompute and memory.checkpoint_every = k > 1 only every k-th
-// layer's input is kept, and the backward regenerates the others segment by segment (backward_layers).
+// layer's input is kept, and the backward regenerates the others segment by segment (backward_layers):
+// by re-running the segment's layers, or, with memory.keep_layer_outputs, from the layer outputs kept in
+// act precision by the forward's own residual additions.
 // The selective scan keeps only chunk-boundary states either way.
 // falcon_mamba models (MambaConfig::has_mixer_norm) add the weightless norm of dt_r, B and C between
 // x_proj and their uses, and its backward. Each layer's base weights come from LayerWeights
@@ -37,6 +39,12 @@ struct StepShape {
   // layers 0, k, 2k, ... and of the final norm; the backward re-runs each segment of k layers from its
   // first input to regenerate the others. 1: every layer's input is kept.
   int64_t checkpoint_every = 1;
+  // memory.keep_layer_outputs (needs checkpoint_every > 1): the forward keeps the output of each layer
+  // whose sum with the residual is not a checkpoint, in act precision (half of a residual's bytes in
+  // bf16), and the backward rebuilds a segment's residuals from its checkpoint by the forward's own fused
+  // additions (bit for bit) instead of re-running its layers. The last segment keeps nothing: its
+  // residuals are still in place when the backward starts.
+  bool keep_layer_outputs = false;
 };
 
 // The bytes of a step's memory plan: activations (with their gradients and the inputs) and the ops'
@@ -82,6 +90,10 @@ struct TrainStepBuffers {
   // so that the layers of one segment never share one (share_segment_residuals() points them there).
   std::vector<void*> residual_;              // n_layer + 1
   std::vector<void*> segment_residuals_;
+  // act [T, d_model] each, per layer: where the first forward leaves layer j's output. With
+  // keep_layer_outputs a buffer of its own when the backward rebuilds residual j+1 from it, else (null)
+  // mixer_out_, which the next layer's norm consumes at once.
+  std::vector<void*> kept_layer_out_;        // n_layer
   std::vector<LayerActivations> layer_acts_; // n_layer, or one shared when recomputing
   std::vector<CarriedIn> carried_in_;        // n_layer under context parallelism, else empty
   void* mixer_out_ = nullptr;                // act [T, d_model]
@@ -117,6 +129,8 @@ struct TrainStepBuffers {
                         const StepShape& shape);
   // Whether residual i is a checkpoint, with a buffer of its own (see residual_).
   static bool residual_is_checkpoint(int64_t i, int64_t n_layer, int64_t checkpoint_every);
+  // The first layer of the last segment, whose inputs the backward finds in place.
+  static int64_t last_segment_first(int64_t n_layer, int64_t checkpoint_every);
   // After the plan is allocated: the other residuals into the segment buffers.
   void share_segment_residuals(int64_t checkpoint_every);
 };
@@ -161,8 +175,9 @@ class TrainStep : private TrainStepBuffers {
   static StepPlanBytes planned_bytes(const BackendSizes& backend, const MambaConfig& model, const LoraConfig& lora,
                                      const StepShape& shape);
   // How many layer forwards the backward runs besides layer recomputation with memory.checkpoint_every =
-  // k to regenerate the layer inputs between checkpoints (backward_layers): none for k = 1.
-  static int64_t regenerated_layer_forwards(int64_t n_layer, int64_t checkpoint_every);
+  // k to regenerate the layer inputs between checkpoints (backward_layers): none for k = 1, nor with
+  // memory.keep_layer_outputs, which regenerates them by additions.
+  static int64_t regenerated_layer_forwards(int64_t n_layer, int64_t checkpoint_every, bool keep_layer_outputs);
 
  private:
   // Row b of the inputs starts at tokens + b * row_stride.
@@ -175,13 +190,19 @@ class TrainStep : private TrainStepBuffers {
   // From d_residual_ = d(residual n_layer) down to d(residual 0), calling on_layer_backward_done per layer.
   void backward_layers(uint64_t dropout_seed, uint64_t dropout_stream, const LayerBackwardDone& on_layer_backward_done);
   bool dropout_enabled_ = true;  // off for evaluation
-  // add_previous_mixer: form residual i from residual i-1 and mixer_out_ first (the first forward);
-  // without it residual i is already there (layer 0, and recomputation in the backward). first_forward:
-  // the step's forward, which under context parallelism exchanges what crosses into the slice (the
-  // backward's forwards read it back from carried_in_).
+  // add_previous_mixer: form residual i from residual i-1 and layer i-1's output first (the first
+  // forward, and re-running a segment); without it residual i is already there (layer 0, and
+  // recomputation in the backward). first_forward: the step's forward, which leaves the layer's output
+  // where the backward may need it again (layer_output) and under context parallelism exchanges what
+  // crosses into the slice (the backward's forwards read it back from carried_in_).
   void layer_forward(int64_t i, LayerActivations& a, bool add_previous_mixer, bool first_forward,
                      uint64_t dropout_seed, uint64_t dropout_stream);
   void layer_backward(int64_t i, LayerActivations& a, uint64_t dropout_seed, uint64_t dropout_stream);
+  // Where layer j's output is in the first forward: kept_layer_out_[j], or mixer_out_.
+  void* layer_output(int64_t j) const;
+  // residual i = residual i-1 + layer i-1's kept output, by layer i's fused add and norm as in the first
+  // forward (its normed output only scratch here).
+  void rebuild_residual(int64_t i, LayerActivations& a);
   LinearOp linear(int64_t layer, Projection p, LoraPath& storage, uint64_t seed, uint64_t stream) const;
   LayerActivations& activations(int64_t layer);
   // dt_proj's input and its row stride: dt_in when dt_proj has an adapter, else dt_r in place in xdbl.

@@ -72,7 +72,8 @@ std::string format_model_info(const ModelInfo& info, const RecipeConfig& r) {
   const std::string strategy(strategy_name(r.distributed.strategy));
   line(fmt::format("\nmemory per GPU (rank 0 of {}, {}); micro-batch {} x {} tokens, memory.recompute {}{}",
                    info.ranks, strategy, r.step.batch, r.step.seq_len, r.step.recompute ? "true" : "false",
-                   r.step.checkpoint_every > 1 ? fmt::format(", memory.checkpoint_every {}", r.step.checkpoint_every)
+                   r.step.checkpoint_every > 1 ? fmt::format(", memory.checkpoint_every {}{}", r.step.checkpoint_every,
+                                                             r.step.keep_layer_outputs ? " keeping layer outputs" : "")
                                                : ""));
   row("NF4 weights + quantization state", format_bytes(m.nf4_weights),
       m.gathered_weights > 0 ? fmt::format("1/{} of each layer (distributed.shard_base_weights)", info.ranks) : "");

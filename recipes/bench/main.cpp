@@ -41,7 +41,7 @@ int main(int argc, char** argv) {
   int warmup = 3, repetitions = 25;
   StepOptions steps;
   steps.models = {"130m", "1.4b", "2.8b"};
-  std::string recompute = "both", packing = "off", json;
+  std::string recompute = "both", keep_layer_outputs = "off", packing = "off", json;
   bool run_long = false;
   std::string only;
   LongOptions long_options;
@@ -57,6 +57,10 @@ int main(int argc, char** argv) {
                  "memory.checkpoint_every of the recompute-on training steps, comma separated")
       ->delimiter(',')
       ->check(CLI::Range(1, 1024))
+      ->capture_default_str();
+  app.add_option("--keep-layer-outputs", keep_layer_outputs,
+                 "memory.keep_layer_outputs of the settings with --checkpoint-every > 1: off, on or both")
+      ->check(CLI::IsMember({"on", "off", "both"}))
       ->capture_default_str();
   app.add_option("--packing", packing,
                  "training steps on unpacked rows (off), rows packing documents of 300-1000 tokens (on), or both")
@@ -100,6 +104,8 @@ int main(int argc, char** argv) {
     for (std::string& model : steps.models) model = full_model_name(model);
     if (recompute == "both") steps.recompute = {false, true};
     else steps.recompute = {recompute == "on"};
+    if (keep_layer_outputs == "both") steps.keep_layer_outputs = {false, true};
+    else steps.keep_layer_outputs = {keep_layer_outputs == "on"};
     if (packing == "both") steps.packing = {false, true};
     else steps.packing = {packing == "on"};
 

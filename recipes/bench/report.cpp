@@ -73,22 +73,24 @@ void print_kernel_table(const Ceilings& c, const std::vector<KernelResult>& kern
 
 std::string StepResult::recompute_label() const {
   if (!recompute) return "off";
-  return checkpoint_every > 1 ? fmt::format("on/k{}", checkpoint_every) : "on";
+  if (checkpoint_every == 1) return "on";
+  return fmt::format("on/k{}{}", checkpoint_every, keep_layer_outputs ? "+out" : "");
 }
 
 void print_step_table(const Ceilings& c, const std::vector<StepResult>& steps) {
   const double gemm = mfu_ceiling(c);
-  fmt::print("\n{:<11} {:<7} {:<6} {:>6} {:>9} {:>8} {:>5} {:>8} {:>8} {:>9} {:>8} {:>7} {:>8} {:>6}\n", "model",
+  fmt::print("\n{:<11} {:<9} {:<6} {:>6} {:>9} {:>8} {:>5} {:>8} {:>8} {:>9} {:>8} {:>7} {:>8} {:>6}\n", "model",
              "recomp", "packed", "batch", "tokens/s", "step_ms", "MFU", "plan_GiB", "used_GiB", "HF_tok/s", "ours/HF",
              "HF_GiB", "mem/HF", "loss");
   for (const StepResult& s : steps) {
     if (!s.error.empty()) {
-      fmt::print("{:<11} {:<7} {:<6} FAILED: {}\n", s.model, s.recompute_label(), s.packed ? "yes" : "no",
+      fmt::print("{:<11} {:<9} {:<6} FAILED: {}\n", s.model, s.recompute_label(), s.packed ? "yes" : "no",
                  first_line(s.error, 90));
       continue;
     }
     const double tokens = s.tokens_per_second(), used = static_cast<double>(s.in_use_bytes);
-    fmt::print("{:<11} {:<7} {:<6} {:>6} {:>9.0f} {:>8.1f} {:>4.0f}% {:>8.2f} {:>8.2f} {:>9} {:>8} {:>7} {:>8} {:>6.3f}\n",
+    fmt::print("{:<11} {:<9} {:<6} {:>6} {:>9.0f} {:>8.1f} {:>4.0f}% {:>8.2f} {:>8.2f} {:>9} {:>8} {:>7} {:>8} "
+               "{:>6.3f}\n",
                s.model, s.recompute_label(), s.packed ? "yes" : "no", fmt::format("{}x{}", s.batch, s.seq_len),
                tokens, s.median_seconds * 1e3, 100 * s.mfu(gemm),
                static_cast<double>(s.planned_bytes) / kGiB, used / kGiB,
@@ -156,7 +158,8 @@ void write_json(const std::filesystem::path& path, const DeviceInfo& device, con
   }
   j["steps"] = nlohmann::json::array();
   for (const StepResult& s : steps) {
-    nlohmann::json row = {{"model", s.model},     {"recompute", s.recompute}, {"checkpoint_every", s.checkpoint_every}, {"packed", s.packed},
+    nlohmann::json row = {{"model", s.model},     {"recompute", s.recompute}, {"checkpoint_every", s.checkpoint_every},
+                          {"keep_layer_outputs", s.keep_layer_outputs}, {"packed", s.packed},
                           {"batch", s.batch},     {"seq_len", s.seq_len},     {"error", s.error}};
     if (s.error.empty()) {
       row["step_seconds"] = s.step_seconds;

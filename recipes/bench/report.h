@@ -51,6 +51,7 @@ struct StepResult {
   std::string model;
   bool recompute = false;
   int64_t checkpoint_every = 1;      // memory.checkpoint_every (with recompute)
+  bool keep_layer_outputs = false;   // memory.keep_layer_outputs (with checkpoint_every > 1)
   bool packed = false;               // rows packing documents (doc_start), else one sequence per row
   int64_t batch = 0, seq_len = 0;
   std::vector<double> step_seconds;  // each timed step, synchronised at both ends
@@ -64,7 +65,7 @@ struct StepResult {
   std::optional<double> hf_tokens_per_second, hf_peak_bytes;
   std::string error;
 
-  // "off", "on", or "on/k2" with checkpoint_every 2.
+  // "off", "on", or "on/k2" with checkpoint_every 2, "on/k2+out" keeping the layer outputs.
   std::string recompute_label() const;
   double tokens_per_second() const {
     return median_seconds > 0 ? static_cast<double>(batch * seq_len) / median_seconds : 0;

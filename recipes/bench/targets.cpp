@@ -68,13 +68,13 @@ const StepResult* pick_step(const std::vector<StepResult>& steps, const StepTarg
 
 void print_target_table(const Ceilings& c, const std::vector<KernelResult>& kernels,
                         const std::vector<StepResult>& steps) {
-  fmt::print("\nissue 6 targets, this run\n{:<28} {:<22} {:<50} {:<26} {}\n", "what", "shape", "measured", "target",
+  fmt::print("\nissue 6 targets, this run\n{:<28} {:<26} {:<50} {:<26} {}\n", "what", "shape", "measured", "target",
              "met");
   int met = 0, judged = 0;
   for (const KernelTarget& t : kKernelTargets) {
     const KernelResult* k = find_kernel(kernels, t.name, t.shape);
     if (!k) {
-      fmt::print("{:<28} {:<22} not measured\n", t.name, t.shape);
+      fmt::print("{:<28} {:<26} not measured\n", t.name, t.shape);
       continue;
     }
     const double us = k->median_seconds * 1e6;
@@ -102,21 +102,21 @@ void print_target_table(const Ceilings& c, const std::vector<KernelResult>& kern
     }
     ++judged;
     met += ok;
-    fmt::print("{:<28} {:<22} {:<50} {:<26} {}\n", t.name, t.shape, measured, target, ok ? "yes" : "no");
+    fmt::print("{:<28} {:<26} {:<50} {:<26} {}\n", t.name, t.shape, measured, target, ok ? "yes" : "no");
   }
   for (const StepTarget& t : kStepTargets) {
     const std::string shape = fmt::format("{}x2048", t.batch);
     const StepResult* s = pick_step(steps, t);
     const std::string what = fmt::format("QLoRA step {}", t.model);
     if (!s) {
-      fmt::print("{:<28} {:<22} not measured\n", what, shape);
+      fmt::print("{:<28} {:<26} not measured\n", what, shape);
       continue;
     }
     const double gib = static_cast<double>(s->in_use_bytes) / kGiB;
     const bool ok = s->tokens_per_second() >= t.min_tokens_per_second && gib <= t.max_gib;
     ++judged;
     met += ok;
-    fmt::print("{:<28} {:<22} {:<50} {:<26} {}\n", what, fmt::format("{} recompute {}", shape, s->recompute_label()),
+    fmt::print("{:<28} {:<26} {:<50} {:<26} {}\n", what, fmt::format("{} recompute {}", shape, s->recompute_label()),
                fmt::format("{:.0f} tok/s, {:.2f} GiB", s->tokens_per_second(), gib),
                fmt::format(">= {:.0f} tok/s, <= {:.0f} GiB", t.min_tokens_per_second, t.max_gib), ok ? "yes" : "no");
   }

@@ -51,26 +51,42 @@ void pack_documents(std::mt19937_64& rng, int64_t batch, int64_t len, std::vecto
   }
 }
 
-// Recompute off, and on with each checkpoint_every.
-std::vector<std::pair<bool, int64_t>> recompute_settings(const StepOptions& options) {
-  std::vector<std::pair<bool, int64_t>> settings;
+struct MemorySetting {
+  bool recompute = false;
+  int64_t checkpoint_every = 1;
+  bool keep_layer_outputs = false;
+};
+
+// Recompute off, and on with each checkpoint_every (each k > 1 with each keep_layer_outputs).
+std::vector<MemorySetting> memory_settings(const StepOptions& options) {
+  std::vector<MemorySetting> settings;
   for (bool recompute : options.recompute) {
-    if (!recompute) settings.emplace_back(false, 1);
+    if (!recompute) settings.push_back({});
     else
-      for (int64_t k : options.checkpoint_every) settings.emplace_back(true, k);
+      for (int64_t k : options.checkpoint_every) {
+        if (k == 1) settings.push_back({true, 1, false});
+        else
+          for (bool keep : options.keep_layer_outputs) settings.push_back({true, k, keep});
+      }
   }
   return settings;
 }
 
-StepResult run_steps(Backend& backend, const MambaWeights& weights, LoraAdapters& adapters, const peers::HfStep& hf,
-                     bool recompute, int64_t checkpoint_every, bool packed, const StepOptions& options) {
+StepResult unrun_step(const peers::HfStep& hf, const MemorySetting& memory, bool packed) {
   StepResult r;
   r.model = std::string(hf.model);
-  r.recompute = recompute;
-  r.checkpoint_every = checkpoint_every;
+  r.recompute = memory.recompute;
+  r.checkpoint_every = memory.checkpoint_every;
+  r.keep_layer_outputs = memory.keep_layer_outputs;
   r.packed = packed;
   r.batch = hf.batch;
   r.seq_len = peers::kHfSeqLen;
+  return r;
+}
+
+StepResult run_steps(Backend& backend, const MambaWeights& weights, LoraAdapters& adapters, const peers::HfStep& hf,
+                     const MemorySetting& memory, bool packed, const StepOptions& options) {
+  StepResult r = unrun_step(hf, memory, packed);
   r.hf_tokens_per_second = hf.tokens_per_second;
   r.hf_peak_bytes = hf.peak_gib * 1024.0 * 1024.0 * 1024.0;
   try {
@@ -78,8 +94,9 @@ StepResult run_steps(Backend& backend, const MambaWeights& weights, LoraAdapters
     shape.batch = r.batch;
     shape.seq_len = r.seq_len;
     shape.scan_chunk = 64;
-    shape.recompute = recompute;
-    shape.checkpoint_every = checkpoint_every;
+    shape.recompute = memory.recompute;
+    shape.checkpoint_every = memory.checkpoint_every;
+    shape.keep_layer_outputs = memory.keep_layer_outputs;
     shape.loss_slice_rows = 1024;
     TrainStep step(backend, weights, adapters, shape);
 
@@ -87,7 +104,7 @@ StepResult run_steps(Backend& backend, const MambaWeights& weights, LoraAdapters
     std::vector<uint32_t> tokens(static_cast<size_t>(r.batch * (r.seq_len + 1)));
     std::vector<uint8_t> mask(static_cast<size_t>(T), 1);
     std::vector<int32_t> doc_start(packed ? static_cast<size_t>(T) : 0);
-    std::mt19937_64 rng(options.seed + (recompute ? 1 : 0));
+    std::mt19937_64 rng(options.seed + (memory.recompute ? 1 : 0));
     std::uniform_int_distribution<uint32_t> token(0, static_cast<uint32_t>(weights.config().vocab_size - 1));
     OptimizerConfig optimizer;
     optimizer.lr = 1e-4;
@@ -172,21 +189,15 @@ std::vector<StepResult> bench_training_steps(const StepOptions& options) {
       adapters.initialize(options.seed);
       fmt::print("  built in {:.1f} s: NF4 base {:.2f} GiB, {} adapter parameters\n", seconds_since(start),
                  weights.bytes() / 1073741824.0, adapters.numel());
-      for (const auto& [recompute, checkpoint_every] : recompute_settings(options))
+      for (const MemorySetting& memory : memory_settings(options))
         for (bool packed : options.packing)
-          results.push_back(run_steps(*backend, weights, adapters, hf, recompute, checkpoint_every, packed, options));
+          results.push_back(run_steps(*backend, weights, adapters, hf, memory, packed, options));
     } catch (const std::exception& e) {
       cudaGetLastError();
       fmt::print("  {}: FAILED to build: {}\n", model, e.what());
-      for (const auto& [recompute, checkpoint_every] : recompute_settings(options))
+      for (const MemorySetting& memory : memory_settings(options))
         for (bool packed : options.packing) {
-          StepResult r;
-          r.model = model;
-          r.recompute = recompute;
-          r.checkpoint_every = checkpoint_every;
-          r.packed = packed;
-          r.batch = hf.batch;
-          r.seq_len = peers::kHfSeqLen;
+          StepResult r = unrun_step(hf, memory, packed);
           r.error = std::string("building the model: ") + e.what();
           results.push_back(std::move(r));
         }

@@ -18,6 +18,7 @@ struct StepOptions {
   std::vector<std::string> models;    // names of model_sizes.h with a batch size here: mamba-130m, -1.4b, -2.8b
   std::vector<bool> recompute;        // each setting is run on the same weights
   std::vector<int64_t> checkpoint_every{1};  // memory.checkpoint_every of the recompute-on settings
+  std::vector<bool> keep_layer_outputs{false};  // memory.keep_layer_outputs of those with checkpoint_every > 1
   std::vector<bool> packing{false};   // unpacked rows, and/or rows packing documents of 300-1000 tokens
   int warmup_steps = 2, timed_steps = 5;
   uint64_t seed = 0;

@@ -1,7 +1,8 @@
 // Segment checkpoints (memory.checkpoint_every) on the CPU backend: a step that keeps only every k-th
-// layer's input and regenerates the others in the backward gives the loss and adapter gradients of the
-// step that keeps them all, bit for bit: each layer runs the same ops on the same values in the same
-// order, only more often. For Mamba and falcon-mamba, on packed documents (doc_start) with LoRA dropout
+// layer's input and regenerates the others in the backward, by re-running layers or by adding the kept
+// layer outputs (memory.keep_layer_outputs), gives the loss and adapter gradients of the step that keeps
+// them all, bit for bit: each layer runs the same ops on the same values in the same order, only more
+// often. For Mamba and falcon-mamba, on packed documents (doc_start) with LoRA dropout
 // (whose masks the regenerated forwards must draw again), in fp64 and fp32. The memory plan shrinks by
 // exactly the residual buffers it no longer holds; bad values name the key.
 #include <memory>
@@ -46,7 +47,7 @@ struct StepOutput {
 };
 
 StepOutput train_step(DType dtype, const MambaConfig& config, const LoraConfig& lora, const std::vector<double>& params,
-                      const test::DocumentBatch& batch, int64_t checkpoint_every) {
+                      const test::DocumentBatch& batch, int64_t checkpoint_every, bool keep_layer_outputs = false) {
   const std::unique_ptr<Backend> backend = make_cpu_backend(dtype);
   const MambaWeights weights = MambaWeights::random(config, *backend, 9);
   LoraAdapters adapters(*backend, config, lora);
@@ -54,6 +55,7 @@ StepOutput train_step(DType dtype, const MambaConfig& config, const LoraConfig& 
   backend->fill_zero(adapters.grads(), static_cast<size_t>(adapters.numel()) * dtype_size(adapters.dtype()));
   StepShape shape{batch.batch, batch.seq_len, 3, true, 8};
   shape.checkpoint_every = checkpoint_every;
+  shape.keep_layer_outputs = keep_layer_outputs;
   TrainStep step(*backend, weights, adapters, shape);
   StepOutput out;
   out.loss = step.forward_backward(batch.tokens.data(), batch.mask.data(), 1.0, 17, 2, batch.doc_start_or_null(),
@@ -90,13 +92,15 @@ TEST_CASE("segment checkpoints give every layer's input kept bit for bit (CPU, f
     for (const DType dtype : {DType::F64, DType::F32}) {
       const StepOutput kept = train_step(dtype, config, lora, params, batch, 1);
       CHECK(kept.layers_done == every_layer_down);
-      for (const int64_t k : {2, 3, 7, 8}) {  // 8: more than the layers, one segment as with 7
-        INFO(size << ", " << dtype_name(dtype) << ", memory.checkpoint_every=" << k);
-        const StepOutput segmented = train_step(dtype, config, lora, params, batch, k);
-        CHECK(segmented.loss == kept.loss);
-        CHECK(segmented.gradients == kept.gradients);
-        CHECK(segmented.layers_done == every_layer_down);
-      }
+      for (const int64_t k : {2, 3, 7, 8})  // 8: more than the layers, one segment as with 7
+        for (const bool keep_layer_outputs : {false, true}) {
+          INFO(size << ", " << dtype_name(dtype) << ", memory.checkpoint_every=" << k << ", keep_layer_outputs "
+                    << keep_layer_outputs);
+          const StepOutput segmented = train_step(dtype, config, lora, params, batch, k, keep_layer_outputs);
+          CHECK(segmented.loss == kept.loss);
+          CHECK(segmented.gradients == kept.gradients);
+          CHECK(segmented.layers_done == every_layer_down);
+        }
     }
   }
 }
@@ -119,29 +123,45 @@ TEST_CASE("segment checkpoints plan exactly the residual buffers they keep") {
     const StepPlanBytes segmented = TrainStep::planned_bytes(*backend, big, lora, shape);
     CHECK(every_layer.activations - segmented.activations == (65 - buffers) * residual);
     CHECK(segmented.workspaces == every_layer.workspaces);
+    // memory.keep_layer_outputs adds a layer output (half a residual in bf16, as here in fp32: one) for
+    // each residual between checkpoints below the last segment, whose own stay in place.
+    shape.keep_layer_outputs = k > 1;
+    if (shape.keep_layer_outputs) {
+      const int64_t last_first = 63 / k * k, between = last_first - last_first / k;
+      const StepPlanBytes kept = TrainStep::planned_bytes(*backend, big, lora, shape);
+      CHECK(kept.activations - segmented.activations == static_cast<size_t>(between) * residual);
+      CHECK(kept.workspaces == every_layer.workspaces);
+    }
+    shape.keep_layer_outputs = false;
   }
 
   // The backward's extra layer forwards: every segment below the last runs all its layers but the last.
-  CHECK(TrainStep::regenerated_layer_forwards(64, 1) == 0);
-  CHECK(TrainStep::regenerated_layer_forwards(64, 8) == 7 * 7);
-  CHECK(TrainStep::regenerated_layer_forwards(64, 5) == 12 * 4);   // [0,5) ... [55,60) below [60,64)
-  CHECK(TrainStep::regenerated_layer_forwards(7, 3) == 2 * 2);     // [0,3) [3,6) below [6,7)
-  CHECK(TrainStep::regenerated_layer_forwards(7, 7) == 0);         // one segment, still in place
+  CHECK(TrainStep::regenerated_layer_forwards(64, 1, false) == 0);
+  CHECK(TrainStep::regenerated_layer_forwards(64, 8, false) == 7 * 7);
+  CHECK(TrainStep::regenerated_layer_forwards(64, 5, false) == 12 * 4);   // [0,5) ... [55,60) below [60,64)
+  CHECK(TrainStep::regenerated_layer_forwards(7, 3, false) == 2 * 2);     // [0,3) [3,6) below [6,7)
+  CHECK(TrainStep::regenerated_layer_forwards(7, 7, false) == 0);         // one segment, still in place
+  CHECK(TrainStep::regenerated_layer_forwards(64, 8, true) == 0);         // rebuilt by additions
   const FlopsPerToken plain = flops_per_token(big, lora), segmented = flops_per_token(big, lora, 8);
   CHECK(segmented.regenerate == Approx(plain.recompute * 49 / 64).epsilon(1e-12));
   CHECK(segmented.step(true) == Approx(plain.step(true) + segmented.regenerate).epsilon(1e-12));
   CHECK(segmented.step(false) == plain.step(false));
+  CHECK(flops_per_token(big, lora, 8, true).step(true) == plain.step(true));
 
   // The plan TrainStep allocates is the one planned_bytes sizes.
   const MambaConfig small = seven_layers("demo");
   const MambaWeights weights = MambaWeights::random(small, *backend, 3);
   LoraAdapters adapters(*backend, small, lora);
   shape.checkpoint_every = 3;
-  const TrainStep step(*backend, weights, adapters, shape);
-  CHECK(step.activation_bytes() == TrainStep::planned_bytes(*backend, small, lora, shape).total());
+  for (const bool keep_layer_outputs : {false, true}) {
+    shape.keep_layer_outputs = keep_layer_outputs;
+    const TrainStep step(*backend, weights, adapters, shape);
+    CHECK(step.activation_bytes() == TrainStep::planned_bytes(*backend, small, lora, shape).total());
+  }
 }
 
-TEST_CASE("memory.checkpoint_every: bad values name the key, and the recipe and ssmtune info take it") {
+TEST_CASE("memory.checkpoint_every and memory.keep_layer_outputs: bad values name the key, and the recipe and "
+          "ssmtune info take them") {
   const std::unique_ptr<Backend> backend = make_cpu_backend(DType::F32);
   const MambaConfig config = seven_layers("demo");
   const LoraConfig lora;
@@ -160,6 +180,13 @@ TEST_CASE("memory.checkpoint_every: bad values name the key, and the recipe and 
   INFO(message);
   CHECK(test::contains(message, "memory.checkpoint_every=2 needs memory.recompute=true"));
   CHECK(error(1, false).empty());
+  {
+    StepShape shape{1, 8, 4, true, 8};
+    shape.keep_layer_outputs = true;
+    const std::string keep = test::error_message([&] { TrainStep::planned_bytes(*backend, config, lora, shape); });
+    INFO(keep);
+    CHECK(test::contains(keep, "memory.keep_layer_outputs=true needs memory.checkpoint_every > 1"));
+  }
 
   test::ScratchDir dir("segment-checkpoints");
   write_random_mamba(dir / "model", config, 1);
@@ -178,4 +205,11 @@ TEST_CASE("memory.checkpoint_every: bad values name the key, and the recipe and 
   CHECK(info.step_other_recompute.total() == TrainStep::planned_bytes(*backend, written, recipe.lora, without).total());
   CHECK(info.flops.regenerate == flops_per_token(written, recipe.lora, 4).regenerate);
   CHECK(info.flops.regenerate > 0);
+  const RecipeConfig kept =
+      parse_recipe(yaml, "recipe.yaml", {"memory.checkpoint_every=4", "memory.keep_layer_outputs=true"});
+  CHECK(kept.step.keep_layer_outputs);
+  CHECK_FALSE(recipe.step.keep_layer_outputs);
+  CHECK(model_info(kept, 1).flops.regenerate == 0);
+  CHECK(model_info(kept, 1).memory.step.total() ==
+        TrainStep::planned_bytes(*backend, written, kept.lora, kept.step).total());
 }

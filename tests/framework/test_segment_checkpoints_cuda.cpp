@@ -1,5 +1,6 @@
 // Segment checkpoints (memory.checkpoint_every) on the GPU: the CUDA backend's step that regenerates the
-// layer inputs between checkpoints gives the loss and adapter gradients of the step that keeps them all,
+// layer inputs between checkpoints, by re-running layers or from the kept layer outputs
+// (memory.keep_layer_outputs), gives the loss and adapter gradients of the step that keeps them all,
 // bit for bit. Every kernel of the step is deterministic (no atomics; cuBLASLt picks the same algorithm
 // for the same shapes), and each layer runs the same ops on the same values, only more often; a
 // regenerated residual that differed in one bit would show in the gradients.
@@ -26,7 +27,7 @@ struct StepOutput {
 };
 
 StepOutput train_step(const MambaConfig& config, const LoraConfig& lora, const std::vector<double>& params,
-                      const test::DocumentBatch& batch, int64_t checkpoint_every) {
+                      const test::DocumentBatch& batch, int64_t checkpoint_every, bool keep_layer_outputs) {
   const std::unique_ptr<Backend> backend = make_cuda_backend();
   const MambaWeights weights = MambaWeights::random(config, *backend, 9);
   LoraAdapters adapters(*backend, config, lora);
@@ -34,6 +35,7 @@ StepOutput train_step(const MambaConfig& config, const LoraConfig& lora, const s
   backend->fill_zero(adapters.grads(), static_cast<size_t>(adapters.numel()) * dtype_size(adapters.dtype()));
   StepShape shape{batch.batch, batch.seq_len, 64, true, 100};
   shape.checkpoint_every = checkpoint_every;
+  shape.keep_layer_outputs = keep_layer_outputs;
   TrainStep step(*backend, weights, adapters, shape);
   StepOutput out;
   out.loss = step.forward_backward(batch.tokens.data(), batch.mask.data(), 1e-3, 17, 2, batch.doc_start_or_null());
@@ -67,12 +69,13 @@ TEST_CASE("segment checkpoints on the GPU give every layer's input kept bit for 
     MambaConfig config = model_size(size);
     config.n_layer = 8;
     const std::vector<double> params = test::random_adapter_values(config, lora, 4);
-    const StepOutput kept = train_step(config, lora, params, batch, 1);
-    for (const int64_t k : {3, 4}) {  // segments [0,3) [3,6) [6,8), and two of four
-      INFO(size << ", memory.checkpoint_every=" << k);
-      const StepOutput segmented = train_step(config, lora, params, batch, k);
-      CHECK(segmented.loss == kept.loss);
-      CHECK(segmented.gradients == kept.gradients);
-    }
+    const StepOutput kept = train_step(config, lora, params, batch, 1, false);
+    for (const int64_t k : {3, 4})  // segments [0,3) [3,6) [6,8), and two of four
+      for (const bool keep_layer_outputs : {false, true}) {
+        INFO(size << ", memory.checkpoint_every=" << k << ", keep_layer_outputs " << keep_layer_outputs);
+        const StepOutput segmented = train_step(config, lora, params, batch, k, keep_layer_outputs);
+        CHECK(segmented.loss == kept.loss);
+        CHECK(segmented.gradients == kept.gradients);
+      }
   }
 }
