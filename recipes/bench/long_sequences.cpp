@@ -8,15 +8,12 @@
 #include <map>
 #include <memory>
 #include <nlohmann/json.hpp>
-#include <random>
 
 #include "framework/cuda_backend.h"
 #include "framework/lora.h"
 #include "framework/mamba_model.h"
 #include "framework/model_sizes.h"
-#include "framework/optimizer.h"
 #include "framework/train_step.h"
-#include "kernels/cuda/check.h"
 #include "recipes/bench/harness.h"
 #include "recipes/bench/train_steps.h"
 
@@ -61,25 +58,14 @@ LongResult run_length(Backend& backend, const MambaWeights& weights, LoraAdapter
     return r;
   }
   try {
-    std::vector<uint32_t> tokens(static_cast<size_t>(seq_len + 1));
-    const std::vector<uint8_t> mask(static_cast<size_t>(seq_len), 1);
-    std::mt19937_64 rng(options.seed + static_cast<uint64_t>(seq_len));
-    std::uniform_int_distribution<uint32_t> token(0, static_cast<uint32_t>(weights.config().vocab_size - 1));
-    OptimizerConfig optimizer;
-    optimizer.lr = 1e-4;
-    optimizer.total_steps = options.warmup_steps + options.timed_steps;
-    for (int i = 0; i < options.warmup_steps + options.timed_steps; ++i) {
-      for (uint32_t& t : tokens) t = token(rng);
-      const TimedStep timed = timed_training_step(backend, *step, adapters, optimizer, i, tokens.data(), mask.data(),
-                                                  nullptr, options.seed);
-      r.losses.push_back(timed.mean_loss);
-      if (i >= options.warmup_steps) r.step_seconds.push_back(timed.seconds);
-    }
-    r.median_seconds = median(r.step_seconds);
+    TimedSteps run = run_timed_steps(backend, *step, adapters, weights.config().vocab_size, false,
+                                     options.warmup_steps, options.timed_steps,
+                                     options.seed + static_cast<uint64_t>(seq_len), options.seed);
+    r.losses = std::move(run.losses);
+    r.step_seconds = std::move(run.step_seconds);
+    r.median_seconds = run.median_seconds;
+    r.in_use_bytes = run.in_use_bytes;
     r.allocated_bytes = backend.allocated_bytes();
-    size_t free = 0, total = 0;
-    SSMTUNE_CUDA_CHECK(cudaMemGetInfo(&free, &total), "bench memory");
-    r.in_use_bytes = total - free;  // nothing allocates inside a step: also the peak
     fmt::print("{}: {:.0f} tokens/s (median of {} steps, {:.2f} s), loss {:.3f} -> {:.3f}, allocated {:.2f} GiB, "
                "in use {:.2f} GiB\n",
                setting, r.tokens_per_second(), r.step_seconds.size(), r.median_seconds, r.losses.front(),

@@ -99,35 +99,18 @@ StepResult run_steps(Backend& backend, const MambaWeights& weights, LoraAdapters
     shape.keep_layer_outputs = memory.keep_layer_outputs;
     shape.loss_slice_rows = 1024;
     TrainStep step(backend, weights, adapters, shape);
-
-    const int64_t T = r.batch * r.seq_len;
-    std::vector<uint32_t> tokens(static_cast<size_t>(r.batch * (r.seq_len + 1)));
-    std::vector<uint8_t> mask(static_cast<size_t>(T), 1);
-    std::vector<int32_t> doc_start(packed ? static_cast<size_t>(T) : 0);
-    std::mt19937_64 rng(options.seed + (memory.recompute ? 1 : 0));
-    std::uniform_int_distribution<uint32_t> token(0, static_cast<uint32_t>(weights.config().vocab_size - 1));
-    OptimizerConfig optimizer;
-    optimizer.lr = 1e-4;
-    optimizer.total_steps = options.warmup_steps + options.timed_steps;
-
-    for (int i = 0; i < options.warmup_steps + options.timed_steps; ++i) {
-      for (uint32_t& t : tokens) t = token(rng);
-      if (packed) pack_documents(rng, r.batch, r.seq_len, doc_start, mask);
-      // Timed with the step: TrainStep checks and uploads doc_start inside it.
-      const TimedStep timed = timed_training_step(backend, step, adapters, optimizer, i, tokens.data(), mask.data(),
-                                                  packed ? doc_start.data() : nullptr, options.seed);
-      r.losses.push_back(timed.mean_loss);
-      if (i >= options.warmup_steps) r.step_seconds.push_back(timed.seconds);
-    }
-    r.median_seconds = median(r.step_seconds);
+    TimedSteps run = run_timed_steps(backend, step, adapters, weights.config().vocab_size, packed,
+                                     options.warmup_steps, options.timed_steps,
+                                     options.seed + (memory.recompute ? 1 : 0), options.seed);
+    r.losses = std::move(run.losses);
+    r.step_seconds = std::move(run.step_seconds);
+    r.median_seconds = run.median_seconds;
+    r.in_use_bytes = run.in_use_bytes;
     r.model_flops_per_token = flops_per_token(weights.config(), adapters.config()).step(false);
     r.planned_bytes = backend.allocated_bytes();
     r.weights_bytes = weights.bytes();
     r.adapter_params = static_cast<size_t>(adapters.numel());
     r.activation_bytes = step.activation_bytes();
-    size_t free = 0, total = 0;
-    SSMTUNE_CUDA_CHECK(cudaMemGetInfo(&free, &total), "bench memory");
-    r.in_use_bytes = total - free;
     fmt::print("  {} recompute {}{}: {:.0f} tokens/s (median of {} steps, {:.1f} ms), loss {:.3f} -> {:.3f}, "
                "planned {:.2f} GiB (activations {:.2f}), in use {:.2f} GiB\n",
                r.model, r.recompute_label(), packed ? " packed" : "", r.tokens_per_second(), r.step_seconds.size(), r.median_seconds * 1e3,
@@ -156,6 +139,34 @@ TimedStep timed_training_step(Backend& backend, TrainStep& step, LoraAdapters& a
   apply_update(backend, adapters, optimizer, index);
   backend.synchronize();
   return {loss / step_tokens, seconds_since(start)};
+}
+
+TimedSteps run_timed_steps(Backend& backend, TrainStep& step, LoraAdapters& adapters, int64_t vocab, bool packed,
+                           int warmup, int timed, uint64_t rng_seed, uint64_t dropout_seed) {
+  const int64_t batch = step.shape().batch, len = step.shape().seq_len;
+  std::vector<uint32_t> tokens(static_cast<size_t>(batch * (len + 1)));
+  std::vector<uint8_t> mask(static_cast<size_t>(batch * len), 1);
+  std::vector<int32_t> doc_start(packed ? mask.size() : 0);
+  std::mt19937_64 rng(rng_seed);
+  std::uniform_int_distribution<uint32_t> token(0, static_cast<uint32_t>(vocab - 1));
+  OptimizerConfig optimizer;
+  optimizer.lr = 1e-4;
+  optimizer.total_steps = warmup + timed;
+  TimedSteps run;
+  for (int i = 0; i < warmup + timed; ++i) {
+    for (uint32_t& t : tokens) t = token(rng);
+    if (packed) pack_documents(rng, batch, len, doc_start, mask);
+    // Timed with the step: TrainStep checks and uploads doc_start inside it.
+    const TimedStep step_time = timed_training_step(backend, step, adapters, optimizer, i, tokens.data(), mask.data(),
+                                                    packed ? doc_start.data() : nullptr, dropout_seed);
+    run.losses.push_back(step_time.mean_loss);
+    if (i >= warmup) run.step_seconds.push_back(step_time.seconds);
+  }
+  run.median_seconds = median(run.step_seconds);
+  size_t free = 0, total = 0;
+  SSMTUNE_CUDA_CHECK(cudaMemGetInfo(&free, &total), "bench memory");
+  run.in_use_bytes = total - free;
+  return run;
 }
 
 std::vector<std::string> step_model_names() {

@@ -41,4 +41,17 @@ TimedStep timed_training_step(Backend& backend, TrainStep& step, LoraAdapters& a
                               const OptimizerConfig& optimizer, int index, const uint32_t* tokens, const uint8_t* mask, const int32_t* doc_start,
                               uint64_t seed);
 
+// `warmup` then `timed` training steps (timed_training_step, AdamW at lr 1e-4) on batches of the step's
+// shape drawn from rng_seed: tokens uniform over the vocab, every target counted; `packed` rows are
+// documents of 300 to 1000 tokens instead (doc_start, first tokens masked).
+struct TimedSteps {
+  std::vector<double> losses;        // mean token loss of every step, warm-up included
+  std::vector<double> step_seconds;  // the timed steps
+  double median_seconds = 0;
+  size_t in_use_bytes = 0;           // cudaMemGetInfo total - free after them; nothing allocates inside a
+                                     // step, so also the peak
+};
+TimedSteps run_timed_steps(Backend& backend, TrainStep& step, LoraAdapters& adapters, int64_t vocab, bool packed,
+                           int warmup, int timed, uint64_t rng_seed, uint64_t dropout_seed);
+
 }  // namespace ssmtune::bench
