@@ -61,6 +61,27 @@ TEST_CASE("bad values and YAML syntax errors") {
   CHECK(error_of("model:\n  path: m\n").find("missing required key 'data.path'") != std::string::npos);
 }
 
+TEST_CASE("values with control characters are errors naming the key; the resolved recipe parses back to itself") {
+  // Found by fuzz_recipe: "output_dir: -1\r\r\n" kept one carriage return, which the resolved YAML wrote
+  // unquoted and the next parse took as part of the line break, so a resumed run saw another output_dir.
+  const std::string cr = error_of("model:\n  path: m\ndata:\n  path: d\ntrain:\n  output_dir: -1\r\r\n");
+  CHECK(cr.find("recipe.yaml: key 'train.output_dir' contains the control character 0x0d") != std::string::npos);
+  // A number that yaml-cpp reads through trailing whitespace, an escape in quotes, a list item, an override.
+  CHECK(error_of(kMinimal + "lora:\n  alpha: 16\r\r\n").find("key 'lora.alpha' contains the control character 0x0d") !=
+        std::string::npos);
+  CHECK(error_of(kMinimal + "device: \"cu\\tda\"\n").find("key 'device' contains the control character 0x09") !=
+        std::string::npos);
+  CHECK(error_of(kMinimal + "lora:\n  targets: [\"x_proj\\x01\"]\n").find("key 'lora.targets' contains the control "
+                                                                       "character 0x01") != std::string::npos);
+  CHECK(error_of(kMinimal, {"data.path=\"d\\u007f\""}).find("key 'data.path' contains the control character 0x7f") !=
+        std::string::npos);
+  // Line breaks of every kind (LF, CRLF) between values are fine, and the resolved text is a fixed point.
+  const RecipeConfig crlf = parse_recipe("model:\r\n  path: m\r\ndata:\r\n  path: d\r\ntrain:\r\n  output_dir: o\r\n",
+                                         "recipe.yaml", {});
+  CHECK(crlf.output_dir == "o");
+  CHECK(parse_recipe(crlf.resolved_yaml, "resolved", {}).resolved_yaml == crlf.resolved_yaml);
+}
+
 TEST_CASE("keys that are not names, nested target lists and alias bombs are errors, not crashes or hangs") {
   // yaml-cpp's conversion exceptions used to escape these instead of an Error naming the file.
   CHECK(error_of(kMinimal + "? [a, b]\n: 1\n").find("recipe.yaml: line 8: a key must be a plain name") !=
