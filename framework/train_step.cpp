@@ -68,9 +68,11 @@ StepPlanBytes TrainStepBuffers::declare(Plan& plan, const BackendSizes& backend,
   segment_residuals_.resize(static_cast<size_t>(std::min(k, c.n_layer) - 1));
   for (void*& r : segment_residuals_) plan.add(&r, T * c.d_model * master);
   kept_layer_out_.assign(static_cast<size_t>(c.n_layer), nullptr);
-  for (int64_t j = 0; shape.keep_layer_outputs && j < c.n_layer; ++j)
-    if (!residual_is_checkpoint(j + 1, c.n_layer, k) && j + 1 < last_segment_first(c.n_layer, k))
-      plan.add(&kept_layer_out_[static_cast<size_t>(j)], T * c.d_model * act);
+  // The outputs that add up to the residuals between checkpoints, below the last segment.
+  if (shape.keep_layer_outputs)
+    for (int64_t j = 0; j + 1 < last_segment_first(c.n_layer, k); ++j)
+      if (!residual_is_checkpoint(j + 1, c.n_layer, k))
+        plan.add(&kept_layer_out_[static_cast<size_t>(j)], T * c.d_model * act);
   layer_acts_.resize(shape.recompute ? 1 : static_cast<size_t>(c.n_layer));
   for (LayerActivations& a : layer_acts_) {
     plan.add(&a.hn, T * hn_cols_ * act);
@@ -270,11 +272,9 @@ void TrainStep::layer_forward(int64_t i, LayerActivations& a, bool add_previous_
   LoraPath lora;
   auto h = [&](Projection p) { return a.lora_h[static_cast<size_t>(p)]; };
 
-  // residual i = residual i-1 + output of layer i-1, fused with this layer's norm. The backward's forwards
-  // leave their outputs in mixer_out_: kept ones are the first forward's.
+  // The backward's forwards leave their outputs in mixer_out_: kept ones are the first forward's.
   if (add_previous_mixer)
-    backend_.rmsnorm_forward(residual_[i - 1], first_forward ? layer_output(i - 1) : mixer_out_, residual_[i],
-                             w.norm_weight, a.hn, hn_cols_, a.rstd, T, c.d_model, c.layer_norm_epsilon);
+    add_residual_and_norm(i, first_forward ? layer_output(i - 1) : mixer_out_, a);
   else
     backend_.rmsnorm_forward(residual_[i], nullptr, nullptr, w.norm_weight, a.hn, hn_cols_, a.rstd, T, c.d_model,
                              c.layer_norm_epsilon);
@@ -328,10 +328,10 @@ void* TrainStep::layer_output(int64_t j) const {
   return kept ? kept : mixer_out_;
 }
 
-void TrainStep::rebuild_residual(int64_t i, LayerActivations& a) {
+void TrainStep::add_residual_and_norm(int64_t i, const void* previous_output, LayerActivations& a) {
   const MambaConfig& c = weights_.config();
-  backend_.rmsnorm_forward(residual_[i - 1], kept_layer_out_[static_cast<size_t>(i - 1)], residual_[i],
-                           base_.layer(i).norm_weight, a.hn, hn_cols_, a.rstd, rows_, c.d_model, c.layer_norm_epsilon);
+  backend_.rmsnorm_forward(residual_[i - 1], previous_output, residual_[i], base_.layer(i).norm_weight, a.hn, hn_cols_,
+                           a.rstd, rows_, c.d_model, c.layer_norm_epsilon);
 }
 
 // Reads as layer_forward read backwards. On entry d_residual_ holds d(residual i+1) and d_act_model_ the
@@ -413,10 +413,10 @@ void TrainStep::forward_layers(uint64_t seed, uint64_t stream) {
 // are gone (their buffers serve every segment), so the backward regenerates them upwards from its
 // checkpoint: by re-running its forward, residual first, whose run of its last layer leaves the
 // activations that layer's backward reads; or, with keep_layer_outputs, by adding the kept layer outputs
-// (rebuild_residual), after which its last layer too recomputes. Then each layer, downwards, re-runs its
-// own forward from its input (layer recomputation) and runs its backward. The last segment's inputs are
-// still in place after forward_layers: there only the layer recomputation runs. Base weights are acquired
-// in that order, each acquire naming the layer acquired after it.
+// (add_residual_and_norm, the forward's own op), after which its last layer too recomputes. Then each
+// layer, downwards, re-runs its own forward from its input (layer recomputation) and runs its backward.
+// The last segment's inputs are still in place after forward_layers: there only the layer recomputation
+// runs. Base weights are acquired in that order, each acquire naming the layer acquired after it.
 void TrainStep::backward_layers(uint64_t seed, uint64_t stream, const LayerBackwardDone& on_layer_backward_done) {
   const int64_t n_layer = weights_.config().n_layer, k = shape_.checkpoint_every;
   for (int64_t top = n_layer; top > 0;) {
@@ -430,7 +430,7 @@ void TrainStep::backward_layers(uint64_t seed, uint64_t stream, const LayerBackw
     const int64_t up_from = rebuilt ? first + 1 : in_place ? top - 1 : first;
     for (int64_t j = up_from; j < top; ++j) {
       base_.acquire(j, j + 1 < top ? j + 1 : after_top);
-      if (rebuilt) rebuild_residual(j, activations(j));
+      if (rebuilt) add_residual_and_norm(j, kept_layer_out_[static_cast<size_t>(j - 1)], activations(j));
       else if (shape_.recompute) layer_forward(j, activations(j), j > up_from, false, seed, stream);
     }
     for (int64_t i = top - 1; i >= first; --i) {

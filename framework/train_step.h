@@ -200,9 +200,10 @@ class TrainStep : private TrainStepBuffers {
   void layer_backward(int64_t i, LayerActivations& a, uint64_t dropout_seed, uint64_t dropout_stream);
   // Where layer j's output is in the first forward: kept_layer_out_[j], or mixer_out_.
   void* layer_output(int64_t j) const;
-  // residual i = residual i-1 + layer i-1's kept output, by layer i's fused add and norm as in the first
-  // forward (its normed output only scratch here).
-  void rebuild_residual(int64_t i, LayerActivations& a);
+  // residual i = residual i-1 + previous_output (layer i-1's), fused with layer i's norm into a.hn and
+  // a.rstd: the one op that forms every residual, in the forward and when the backward rebuilds one from a
+  // kept output (whose normed result is then only scratch), so that both give the same bits.
+  void add_residual_and_norm(int64_t i, const void* previous_output, LayerActivations& a);
   LinearOp linear(int64_t layer, Projection p, LoraPath& storage, uint64_t seed, uint64_t stream) const;
   LayerActivations& activations(int64_t layer);
   // dt_proj's input and its row stride: dt_in when dt_proj has an adapter, else dt_r in place in xdbl.
