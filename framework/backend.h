@@ -37,6 +37,10 @@ struct LoraPath {
   uint64_t dropout_stream = 0;  // distinct per (step, micro-batch, layer, projection)
   const void* A = nullptr;      // master [rank, in]
   const void* B = nullptr;      // master [out, rank]
+  // A and B in act precision, which the GEMMs of a backend whose act dtype is not master's read:
+  // LoraAdapters::refresh_act_params's copies (the masters themselves where the dtypes agree).
+  const void* A_act = nullptr;
+  const void* B_act = nullptr;
   void* dA = nullptr;           // master, accumulated
   void* dB = nullptr;           // master, accumulated
 };
@@ -104,6 +108,8 @@ class Backend : public BackendSizes {
   virtual void copy_to_host(void* dst, const void* src, size_t bytes) = 0;
   virtual void copy(void* dst, const void* src, size_t bytes) = 0;
   virtual void fill_zero(void* dst, size_t bytes) = 0;
+  // act (n elements) = master (n elements) rounded to the act dtype.
+  virtual void master_to_act(const void* master, void* act, int64_t n) = 0;
   // rows of row_bytes each, from src (row pitch src_pitch bytes) to dst (pitch dst_pitch), both device.
   virtual void copy_rows(void* dst, size_t dst_pitch, const void* src, size_t src_pitch, size_t row_bytes,
                          int64_t rows) = 0;

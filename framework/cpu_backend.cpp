@@ -49,6 +49,10 @@ class CpuBackend final : public Backend {
   void copy_to_host(void* dst, const void* src, size_t bytes) override { std::memcpy(dst, src, bytes); }
   void copy(void* dst, const void* src, size_t bytes) override { std::memcpy(dst, src, bytes); }
   void fill_zero(void* dst, size_t bytes) override { std::memset(dst, 0, bytes); }
+  // act and master are both T here.
+  void master_to_act(const void* master, void* act, int64_t n) override {
+    std::memcpy(act, master, static_cast<size_t>(n) * sizeof(T));
+  }
   void copy_rows(void* dst, size_t dst_pitch, const void* src, size_t src_pitch, size_t row_bytes,
                  int64_t rows) override {
     for (int64_t r = 0; r < rows; ++r)

@@ -104,6 +104,9 @@ class CudaBackend final : public Backend {
   void copy(void* dst, const void* src, size_t bytes) override {
     SSMTUNE_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream_), "copy");
   }
+  void master_to_act(const void* master, void* act, int64_t n) override {
+    cuda::lora_adapters_to_bf16(f32(master), n, bf16(act), stream_);
+  }
   void fill_zero(void* dst, size_t bytes) override {
     SSMTUNE_CUDA_CHECK(cudaMemsetAsync(dst, 0, bytes, stream_), "fill_zero");
   }
@@ -185,7 +188,7 @@ class CudaBackend final : public Backend {
       cuda::lora_scaled_up_weight(lora_dims(op, rows), f32(op.lora->B), static_cast<float>(op.lora->scale),
                                   weight + in, k, stream_);
       uint16_t* x_ext = const_cast<uint16_t*>(bf16(x));
-      cuda::lora_down_projection(*gemm_, lora_dims(op, rows), x_ext, ldx, f32(op.lora->A), dropout(*op.lora),
+      cuda::lora_down_projection(*gemm_, lora_dims(op, rows), x_ext, ldx, bf16(op.lora->A_act), dropout(*op.lora),
                                  x_ext + in, ldx, lora_workspace(op, workspace));
       gemm_->run(false, true, rows, w.out_features, k, 1.0f, x_ext, ldx, weight, k, 0.0f, y, cuda::GemmOut::bf16,
                  ldy);
@@ -196,7 +199,7 @@ class CudaBackend final : public Backend {
                cuda::GemmOut::bf16, ldy);
     if (op.lora) {
       const LoraHView h = lora_h_view(op, x, ldx, lora_h, kBf16);
-      cuda::lora_forward(*gemm_, lora_dims(op, rows), bf16(x), ldx, f32(op.lora->A), f32(op.lora->B),
+      cuda::lora_forward(*gemm_, lora_dims(op, rows), bf16(x), ldx, bf16(op.lora->A_act), bf16(op.lora->B_act),
                          static_cast<float>(op.lora->scale), dropout(*op.lora), bf16(h.data), h.ld, bf16(y), ldy,
                          lora_workspace(op, workspace));
     }
@@ -210,7 +213,7 @@ class CudaBackend final : public Backend {
                accumulate_dx ? 1.0f : 0.0f, dx, cuda::GemmOut::bf16, lddx);
     if (op.lora) {
       const LoraHView h = lora_h_view(op, x, ldx, lora_h, kBf16);
-      cuda::lora_backward(*gemm_, lora_dims(op, rows), bf16(x), ldx, f32(op.lora->A), f32(op.lora->B),
+      cuda::lora_backward(*gemm_, lora_dims(op, rows), bf16(x), ldx, bf16(op.lora->A_act), bf16(op.lora->B_act),
                           static_cast<float>(op.lora->scale), dropout(*op.lora), bf16(h.data), h.ld, bf16(dy), ldy,
                           f32(op.lora->dA), f32(op.lora->dB), bf16(dx), lddx, lora_workspace(op, workspace));
     }

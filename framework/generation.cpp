@@ -35,6 +35,7 @@ Decoder::Decoder(Backend& backend, const MambaWeights& weights, const LoraAdapte
   arena_.allocate();  // zero-filled: the states start empty
   host_logits_bytes_.resize(static_cast<size_t>(c.vocab_size) * master);
   host_logits_.resize(static_cast<size_t>(c.vocab_size));
+  if (adapters_) adapters_->refresh_act_params();
 }
 
 void Decoder::reset() {
@@ -43,6 +44,7 @@ void Decoder::reset() {
   backend_.fill_zero(conv_windows_, c.n_layer * c.d_inner * (c.conv_kernel - 1) * master);
   backend_.fill_zero(ssm_states_, c.n_layer * c.d_inner * c.d_state * master);
   position_ = 0;
+  if (adapters_) adapters_->refresh_act_params();
 }
 
 LinearOp Decoder::linear(int64_t layer, Projection p, LoraPath& storage) const {

@@ -22,10 +22,11 @@ namespace ssmtune {
 // (framework/arena.h); a step allocates nothing.
 class Decoder {
  public:
-  // adapters: null for the base model alone; otherwise applied without dropout. Both must outlive this.
+  // adapters: null for the base model alone; otherwise applied without dropout, as they are at
+  // construction and at each reset(). Both must outlive this.
   Decoder(Backend& backend, const MambaWeights& weights, const LoraAdapters* adapters);
 
-  // Forgets the sequence: zero conv windows and scan states.
+  // Forgets the sequence: zero conv windows and scan states. Takes the adapters as they are now.
   void reset();
   // Advances the state by one token (an Error names the position if it is not below vocab_size).
   void feed(uint32_t token);

@@ -38,11 +38,18 @@ LoraAdapters::LoraAdapters(Backend& backend, const MambaConfig& model, const Lor
   const size_t bytes = static_cast<size_t>(numel_) * dtype_size(backend.master_dtype());
   optimizer_range_ = shard_range(numel_, optimizer_shard);
   const size_t moment_bytes = static_cast<size_t>(optimizer_range_.size()) * dtype_size(backend.master_dtype());
+  const bool act_copy = backend.act_dtype() != backend.master_dtype();
   arena_.add(&params_, bytes);
+  if (act_copy) arena_.add(&params_act_, static_cast<size_t>(numel_) * dtype_size(backend.act_dtype()));
   arena_.add(&grads_, bytes);
   arena_.add(&m_, moment_bytes);
   arena_.add(&v_, moment_bytes);
   arena_.allocate();
+  if (!act_copy) params_act_ = params_;
+}
+
+void LoraAdapters::refresh_act_params() const {
+  if (params_act_ != params_) backend_->master_to_act(params_, params_act_, numel_);
 }
 
 void LoraAdapters::initialize(uint64_t seed) {
@@ -61,8 +68,9 @@ std::optional<LoraPath> LoraAdapters::path(int64_t layer, Projection p, uint64_t
                                            uint64_t dropout_stream) const {
   const int64_t a = index_[layer][static_cast<size_t>(p)];
   if (a < 0) return std::nullopt;
-  const size_t esize = dtype_size(backend_->master_dtype());
-  auto at = [esize](void* base, int64_t offset) { return static_cast<std::byte*>(base) + offset * esize; };
+  const size_t master = dtype_size(backend_->master_dtype()), act = dtype_size(backend_->act_dtype());
+  auto at = [master](void* base, int64_t offset) { return static_cast<std::byte*>(base) + offset * master; };
+  auto act_at = [act](void* base, int64_t offset) { return static_cast<std::byte*>(base) + offset * act; };
   const AdapterTensor& A = tensors_[a];
   const AdapterTensor& B = tensors_[a + 1];
   LoraPath path;
@@ -73,6 +81,8 @@ std::optional<LoraPath> LoraAdapters::path(int64_t layer, Projection p, uint64_t
   path.dropout_stream = dropout_stream;
   path.A = at(params_, A.offset);
   path.B = at(params_, B.offset);
+  path.A_act = act_at(params_act_, A.offset);
+  path.B_act = act_at(params_act_, B.offset);
   path.dA = at(grads_, A.offset);
   path.dB = at(grads_, B.offset);
   return path;

@@ -52,6 +52,11 @@ class LoraAdapters {
   DType dtype() const { return backend_->master_dtype(); }
 
   void* params() const { return params_; }
+  // The parameters in the backend's act dtype, for its GEMMs: a copy where act is not master (the GPU's
+  // bf16 beside its fp32 masters), else params() itself. Whatever writes the parameters (the optimizer,
+  // loading, uploads) leaves the copy stale: the passes that read it call refresh_act_params first.
+  void* params_act() const { return params_act_; }
+  void refresh_act_params() const;
   void* grads() const { return grads_; }
   // The moments of optimizer_range() only: element 0 is that of element optimizer_range().begin.
   void* adam_m() const { return m_; }
@@ -79,6 +84,7 @@ class LoraAdapters {
   FlatRange optimizer_range_;
   Arena arena_;
   void* params_ = nullptr;
+  void* params_act_ = nullptr;  // params_ when act is master
   void* grads_ = nullptr;
   void* m_ = nullptr;
   void* v_ = nullptr;

@@ -41,9 +41,11 @@ MemoryEstimate memory_estimate(const BackendSizes& backend, const MambaConfig& m
                                        (t.kind == Kind::embedding || t.kind == Kind::lm_head ? act : master));
   if (!model.use_conv_bias)  // the conv kernels always add a bias: a buffer of zeros per layer
     m.dense_weights += static_cast<size_t>(model.n_layer) * Arena::padded(static_cast<size_t>(model.d_inner) * master);
-  // LoraAdapters' plan: parameters and gradients whole, the moments for the shard.
+  // LoraAdapters' plan: parameters and gradients whole, the parameters' act copy where act is not master,
+  // the moments for the shard.
   const int64_t adapter_numel = parameter_counts(model, tied_lm_head, lora).trainable;
   m.adapters = 2 * Arena::padded(static_cast<size_t>(adapter_numel) * master);
+  if (backend.act_dtype() != backend.master_dtype()) m.adapters += Arena::padded(static_cast<size_t>(adapter_numel) * act);
   m.adam_moments = 2 * Arena::padded(static_cast<size_t>(shard_range(adapter_numel, optimizer_shard).size()) * master);
   m.step = TrainStep::planned_bytes(backend, model, lora, shape);
   return m;

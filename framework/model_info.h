@@ -31,7 +31,7 @@ struct MemoryEstimate {
                              // this rank's 1/N of every layer's with distributed.shard_base_weights
   size_t gathered_weights = 0;  // with shard_base_weights: two whole layers' NF4 blocks, gathered in turn
   size_t dense_weights = 0;  // embedding/lm_head in the act dtype; norms, conv, dt bias, A, D in the master dtype
-  size_t adapters = 0;       // adapter parameters and their gradients (every rank holds all of both)
+  size_t adapters = 0;       // adapter parameters, their act copy and gradients (every rank holds all)
   size_t adam_moments = 0;   // AdamW's m and v (fp32 or the master dtype) for this rank's shard
   StepPlanBytes step;        // activations and workspaces of one micro-batch
   size_t total() const {

@@ -397,6 +397,7 @@ void TrainStep::layer_backward(int64_t i, LayerActivations& a, uint64_t seed, ui
 
 void TrainStep::forward_layers(uint64_t seed, uint64_t stream) {
   const MambaConfig& c = weights_.config();
+  adapters_.refresh_act_params();  // the optimizer has written the parameters since the last pass
   backend_.embedding_forward(inputs_, rows_, weights_.embedding(), c.d_model, residual_[0]);
   for (int64_t i = 0; i < c.n_layer; ++i) {
     base_.acquire(i, i + 1 < c.n_layer ? i + 1 : -1);

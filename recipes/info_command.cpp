@@ -79,7 +79,9 @@ std::string format_model_info(const ModelInfo& info, const RecipeConfig& r) {
       m.gathered_weights > 0 ? fmt::format("1/{} of each layer (distributed.shard_base_weights)", info.ranks) : "");
   if (m.gathered_weights > 0) row("two gathered layers", format_bytes(m.gathered_weights));
   row("other frozen weights", format_bytes(m.dense_weights));
-  row("adapters + gradients", format_bytes(m.adapters));
+  row("adapters + gradients", format_bytes(m.adapters),
+      info.act_dtype != info.master_dtype ? fmt::format("with a {} copy of the adapters for the GEMMs", dtype_name(info.act_dtype))
+                                          : "");
   row("AdamW moments", format_bytes(m.adam_moments),
       info.ranks > 1 && r.distributed.strategy != ShardingStrategy::ddp ? fmt::format("1/{} of them ({})", info.ranks, strategy)
                                                                          : "all of them");

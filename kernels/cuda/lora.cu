@@ -17,20 +17,18 @@ constexpr int64_t kMaxBlocks = 4096;  // fills the GPU several times over; the l
 
 size_t align256(size_t bytes) { return (bytes + 255) / 256 * 256; }
 
-// Byte offsets into the workspace, each piece 256-byte aligned as cuBLASLt likes its operands:
-//   A [rank, in] and B [out, rank] in bf16, dh [rows, rank] in bf16, and `input` [rows, in], which holds
-//   dropout(x) in bf16 and, in the backward once the dA product has read it, the fp32 product dh·A that
-//   the mask then scales into dx: 4 bytes per element cover both.
+// Byte offsets into the workspace, each piece 256-byte aligned as cuBLASLt likes its operands: dh [rows,
+// rank] in bf16, and `input` [rows, in], which holds dropout(x) in bf16 and, in the backward once the dA
+// product has read it, the fp32 product dh·A that the mask then scales into dx: 4 bytes per element cover
+// both.
 struct LoraLayout {
-  size_t A, B, dh, input, bytes;
+  size_t dh, input, bytes;
 };
 
 LoraLayout lora_layout(const cpu::LoraDims& d) {
   constexpr size_t kBf16 = 2, kF32 = 4;
   LoraLayout l{};
-  l.A = 0;
-  l.B = l.A + align256(static_cast<size_t>(d.rank * d.in) * kBf16);
-  l.dh = l.B + align256(static_cast<size_t>(d.out * d.rank) * kBf16);
+  l.dh = 0;
   l.input = l.dh + align256(static_cast<size_t>(d.rows * d.rank) * kBf16);
   l.bytes = l.input + align256(static_cast<size_t>(d.rows * d.in) * kF32);
   return l;
@@ -111,25 +109,6 @@ void check_h_stride(const char* op, const cpu::LoraDims& d, int64_t ldh) {
                                 std::to_string(d.rank));
 }
 
-struct Bf16Adapters {
-  const uint16_t *A, *B;
-};
-
-// bf16 copies of the fp32 adapters for the tensor cores, made afresh in each pass: between the forward and
-// the backward the workspace serves every other op.
-Bf16Adapters adapters_to_bf16(const cpu::LoraDims& d, const float* A, const float* B, void* workspace,
-                              const LoraLayout& layout, cudaStream_t stream, const char* op) {
-  uint16_t* A16 = at<uint16_t>(workspace, layout.A);
-  uint16_t* B16 = at<uint16_t>(workspace, layout.B);
-  to_bf16_kernel<<<blocks_for(d.rank * d.in), kThreads, 0, stream>>>(A, d.rank * d.in,
-                                                                     reinterpret_cast<__nv_bfloat16*>(A16));
-  SSMTUNE_CUDA_CHECK(cudaGetLastError(), op);
-  to_bf16_kernel<<<blocks_for(d.out * d.rank), kThreads, 0, stream>>>(B, d.out * d.rank,
-                                                                      reinterpret_cast<__nv_bfloat16*>(B16));
-  SSMTUNE_CUDA_CHECK(cudaGetLastError(), op);
-  return {A16, B16};
-}
-
 struct Operand {
   const uint16_t* data;
   int64_t ld;
@@ -149,24 +128,27 @@ Operand dropped_input(const cpu::LoraDims& d, const uint16_t* x, int64_t ldx, co
 
 }  // namespace
 
+void lora_adapters_to_bf16(const float* params, int64_t n, uint16_t* params_bf16, void* stream) {
+  if (n == 0) return;
+  to_bf16_kernel<<<blocks_for(n), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+      params, n, reinterpret_cast<__nv_bfloat16*>(params_bf16));
+  SSMTUNE_CUDA_CHECK(cudaGetLastError(), "lora_adapters_to_bf16 launch");
+}
+
 // Without dropout nothing touches `input`, the layout's last piece: the workspace may end where it begins.
 size_t lora_workspace_bytes(const cpu::LoraDims& d, bool dropout) {
   const LoraLayout layout = lora_layout(d);
   return dropout ? layout.bytes : layout.input;
 }
 
-void lora_down_projection(Gemm& gemm, const cpu::LoraDims& d, const uint16_t* x, int64_t ldx, const float* A,
+void lora_down_projection(Gemm& gemm, const cpu::LoraDims& d, const uint16_t* x, int64_t ldx, const uint16_t* A16,
                           const cpu::LoraDropout& dropout, uint16_t* h, int64_t ldh, void* workspace) {
   validate("lora_down_projection", d, ldx, d.out, dropout);
   check_h_stride("lora_down_projection", d, ldh);
   if (d.rows == 0) return;
   const auto stream = static_cast<cudaStream_t>(gemm.stream());
-  const LoraLayout layout = lora_layout(d);
-  uint16_t* A16 = at<uint16_t>(workspace, layout.A);
-  to_bf16_kernel<<<blocks_for(d.rank * d.in), kThreads, 0, stream>>>(A, d.rank * d.in,
-                                                                     reinterpret_cast<__nv_bfloat16*>(A16));
-  SSMTUNE_CUDA_CHECK(cudaGetLastError(), "lora_down_projection to bf16 launch");
-  const Operand xd = dropped_input(d, x, ldx, dropout, workspace, layout, stream, "lora_down_projection dropout launch");
+  const Operand xd = dropped_input(d, x, ldx, dropout, workspace, lora_layout(d), stream,
+                                   "lora_down_projection dropout launch");
   gemm.run(false, true, d.rows, d.rank, d.in, 1.0f, xd.data, xd.ld, A16, d.in, 0.0f, h, GemmOut::bf16, ldh);
 }
 
@@ -180,22 +162,17 @@ void lora_scaled_up_weight(const cpu::LoraDims& d, const float* B, float scale, 
   SSMTUNE_CUDA_CHECK(cudaGetLastError(), "lora_scaled_up_weight launch");
 }
 
-void lora_forward(Gemm& gemm, const cpu::LoraDims& d, const uint16_t* x, int64_t ldx, const float* A, const float* B,
-                  float scale, const cpu::LoraDropout& dropout, uint16_t* h, int64_t ldh, uint16_t* y, int64_t ldy,
-                  void* workspace) {
+void lora_forward(Gemm& gemm, const cpu::LoraDims& d, const uint16_t* x, int64_t ldx, const uint16_t* A16,
+                  const uint16_t* B16, float scale, const cpu::LoraDropout& dropout, uint16_t* h, int64_t ldh,
+                  uint16_t* y, int64_t ldy, void* workspace) {
   validate("lora_forward", d, ldx, ldy, dropout);
   if (d.rows == 0) return;
-  lora_down_projection(gemm, d, x, ldx, A, dropout, h, ldh, workspace);
-  const LoraLayout layout = lora_layout(d);
-  uint16_t* B16 = at<uint16_t>(workspace, layout.B);
-  to_bf16_kernel<<<blocks_for(d.out * d.rank), kThreads, 0, static_cast<cudaStream_t>(gemm.stream())>>>(
-      B, d.out * d.rank, reinterpret_cast<__nv_bfloat16*>(B16));
-  SSMTUNE_CUDA_CHECK(cudaGetLastError(), "lora_forward to bf16 launch");
+  lora_down_projection(gemm, d, x, ldx, A16, dropout, h, ldh, workspace);
   gemm.run(false, true, d.rows, d.out, d.rank, scale, h, ldh, B16, d.rank, 1.0f, y, GemmOut::bf16, ldy);
 }
 
-void lora_backward(Gemm& gemm, const cpu::LoraDims& d, const uint16_t* x, int64_t ldx, const float* A,
-                   const float* B, float scale, const cpu::LoraDropout& dropout, const uint16_t* h, int64_t ldh,
+void lora_backward(Gemm& gemm, const cpu::LoraDims& d, const uint16_t* x, int64_t ldx, const uint16_t* A16,
+                   const uint16_t* B16, float scale, const cpu::LoraDropout& dropout, const uint16_t* h, int64_t ldh,
                    const uint16_t* dy, int64_t ldy, float* dA, float* dB, uint16_t* dx, int64_t lddx, void* workspace) {
   validate("lora_backward", d, ldx, ldy, dropout);
   check_h_stride("lora_backward", d, ldh);
@@ -205,21 +182,20 @@ void lora_backward(Gemm& gemm, const cpu::LoraDims& d, const uint16_t* x, int64_
   if (d.rows == 0) return;
   const auto stream = static_cast<cudaStream_t>(gemm.stream());
   const LoraLayout layout = lora_layout(d);
-  const Bf16Adapters adapters = adapters_to_bf16(d, A, B, workspace, layout, stream, "lora_backward to bf16 launch");
   uint16_t* dh = at<uint16_t>(workspace, layout.dh);
 
   gemm.run(true, false, d.out, d.rank, d.rows, scale, dy, ldy, h, ldh, 1.0f, dB, GemmOut::f32, d.rank);
-  gemm.run(false, false, d.rows, d.rank, d.out, scale, dy, ldy, adapters.B, d.rank, 0.0f, dh, GemmOut::bf16, d.rank);
+  gemm.run(false, false, d.rows, d.rank, d.out, scale, dy, ldy, B16, d.rank, 0.0f, dh, GemmOut::bf16, d.rank);
   const Operand xd = dropped_input(d, x, ldx, dropout, workspace, layout, stream, "lora_backward dropout launch");
   gemm.run(true, false, d.rank, d.in, d.rows, 1.0f, dh, d.rank, xd.data, xd.ld, 1.0f, dA, GemmOut::f32, d.in);
   if (dropout.p <= 0) {
-    gemm.run(false, false, d.rows, d.in, d.rank, 1.0f, dh, d.rank, adapters.A, d.in, 1.0f, dx, GemmOut::bf16, lddx);
+    gemm.run(false, false, d.rows, d.in, d.rank, 1.0f, dh, d.rank, A16, d.in, 1.0f, dx, GemmOut::bf16, lddx);
     return;
   }
   // The mask multiplies the product, not dx, so the product goes through fp32 scratch (over xd, which the
   // dA product above has consumed: same stream) before the masked add.
   float* product = at<float>(workspace, layout.input);
-  gemm.run(false, false, d.rows, d.in, d.rank, 1.0f, dh, d.rank, adapters.A, d.in, 0.0f, product, GemmOut::f32, d.in);
+  gemm.run(false, false, d.rows, d.in, d.rank, 1.0f, dh, d.rank, A16, d.in, 0.0f, product, GemmOut::f32, d.in);
   masked_accumulate_kernel<<<blocks_for(d.rows * d.in), kThreads, 0, stream>>>(
       product, d.rows, d.in, dropout, keep_scale_of(dropout), reinterpret_cast<__nv_bfloat16*>(dx), lddx);
   SSMTUNE_CUDA_CHECK(cudaGetLastError(), "lora_backward masked dx launch");

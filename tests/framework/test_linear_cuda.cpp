@@ -46,6 +46,8 @@ class Layer {
     lora_.dropout_stream = 11;
     lora_.A = upload(A, backend.master_dtype());
     lora_.B = upload(B, backend.master_dtype());
+    lora_.A_act = act_copy(lora_.A, A.size());
+    lora_.B_act = act_copy(lora_.B, B.size());
     lora_.dA = upload(std::vector<double>(A.size(), 0.0), backend.master_dtype());
     lora_.dB = upload(std::vector<double>(B.size(), 0.0), backend.master_dtype());
   }
@@ -62,6 +64,13 @@ class Layer {
     void* p = keep(encoded.size());
     backend_.copy_from_host(p, encoded.data(), encoded.size());
     return p;
+  }
+  // As LoraAdapters::refresh_act_params makes it.
+  const void* act_copy(const void* master, size_t n) {
+    if (backend_.act_dtype() == backend_.master_dtype()) return master;
+    void* act = keep(n * dtype_size(backend_.act_dtype()));
+    backend_.master_to_act(master, act, static_cast<int64_t>(n));
+    return act;
   }
   std::vector<double> download(const void* p, size_t n, DType dtype) {
     std::vector<std::byte> encoded(n * dtype_size(dtype));

@@ -1,11 +1,14 @@
 // The CUDA LoRA path against cpu::lora_forward / lora_backward in double, without and with dropout: strided
 // x, y, dy and dx (the gaps of inputs NaN so that reading one shows, those of outputs a sentinel that must
 // survive), dA and dB accumulating onto non-zero values, dx accumulating, and a workspace of exactly
-// lora_workspace_bytes followed by a guard that must stay untouched.
+// lora_workspace_bytes followed by a guard that must stay untouched. The bf16 copies of A and B come from
+// lora_adapters_to_bf16, itself checked bit for bit against the host's rounding.
 #include <cuda_runtime.h>
 
+#include <bit>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <random>
 #include <vector>
 
@@ -77,6 +80,13 @@ struct Workspace {
   }
 };
 
+// A and B for the GEMMs as the backend makes them: the fp32 masters through lora_adapters_to_bf16, into a
+// poisoned buffer.
+void bf16_copy(const DeviceBuffer<float>& master, DeviceBuffer<uint16_t>& copy, cudaStream_t stream) {
+  REQUIRE(copy.size() == master.size());
+  cuda::lora_adapters_to_bf16(master.get(), static_cast<int64_t>(master.size()), copy.get(), stream);
+}
+
 struct Inputs {
   testing::StridedBf16 x;
   std::vector<float> A, B;
@@ -106,10 +116,14 @@ void check_forward(cuda::Gemm& gemm, const LoraCase& c, double p, std::mt19937_6
 
   DeviceBuffer<uint16_t> x(in.x.bits), h(d.rows * d.rank), y(y0.bits);
   DeviceBuffer<float> A(in.A), B(in.B);
+  DeviceBuffer<uint16_t> A16(A.size()), B16(B.size());
   Workspace workspace(cuda::lora_workspace_bytes(d, p > 0));
   REQUIRE(cudaDeviceSynchronize() == cudaSuccess);  // uploads and poison done before the op's stream starts
-  cuda::lora_forward(gemm, d, x.get() + c.x_offset, c.ldx, A.get(), B.get(), in.scale, in.dropout, h.get(), d.rank,
-                     y.get(), c.ldy, workspace.buffer.get());
+  const auto stream = static_cast<cudaStream_t>(gemm.stream());
+  bf16_copy(A, A16, stream);
+  bf16_copy(B, B16, stream);
+  cuda::lora_forward(gemm, d, x.get() + c.x_offset, c.ldx, A16.get(), B16.get(), in.scale, in.dropout, h.get(),
+                     d.rank, y.get(), c.ldy, workspace.buffer.get());
   const auto h_out = testing::bf16_to_double(h.download());
   const auto y_bits = y.download();
 
@@ -139,9 +153,13 @@ void check_backward(cuda::Gemm& gemm, const LoraCase& c, double p, std::mt19937_
 
   DeviceBuffer<uint16_t> x(in.x.bits), h_dev(h.bits), dy_dev(dy.bits), dx(dx0.bits);
   DeviceBuffer<float> A(in.A), B(in.B), dA(dA0), dB(dB0);
+  DeviceBuffer<uint16_t> A16(A.size()), B16(B.size());
   Workspace workspace(cuda::lora_workspace_bytes(d, p > 0));
   REQUIRE(cudaDeviceSynchronize() == cudaSuccess);
-  cuda::lora_backward(gemm, d, x.get() + c.x_offset, c.ldx, A.get(), B.get(), in.scale, in.dropout, h_dev.get(),
+  const auto stream = static_cast<cudaStream_t>(gemm.stream());
+  bf16_copy(A, A16, stream);
+  bf16_copy(B, B16, stream);
+  cuda::lora_backward(gemm, d, x.get() + c.x_offset, c.ldx, A16.get(), B16.get(), in.scale, in.dropout, h_dev.get(),
                       d.rank, dy_dev.get(), c.ldy, dA.get(), dB.get(), dx.get(), c.lddx, workspace.buffer.get());
   const auto dA_out = dA.download(), dB_out = dB.download();
   const auto dx_bits = dx.download();
@@ -202,3 +220,29 @@ void for_each_case(Check check) {
 TEST_CASE("CUDA LoRA forward equals the CPU reference, without and with dropout") { for_each_case(check_forward); }
 
 TEST_CASE("CUDA LoRA backward equals the CPU reference, without and with dropout") { for_each_case(check_backward); }
+
+TEST_CASE("CUDA LoRA adapters to bf16 round each value to nearest even, as the host does") {
+  const testing::NonBlockingStream stream;
+  const auto seed = std::random_device{}();
+  INFO("seed " << seed);
+  std::mt19937_64 rng(seed);
+  // Random values over many binades, then the cases rounding decides: halfway between two bf16 values with
+  // an even and an odd lower neighbour, just above halfway, the largest finite floats, subnormals, zeros,
+  // infinities. An odd count, not a multiple of the launch's blocks.
+  std::vector<float> values = random_f32(100003, rng, -1.0, 1.0);
+  for (size_t i = 0; i < values.size(); i += 3) values[i] = std::ldexp(values[i], static_cast<int>(rng() % 60) - 30);
+  const float special[] = {std::bit_cast<float>(0x3F808000u), std::bit_cast<float>(0x3F818000u),
+                           std::bit_cast<float>(0x3F808001u), std::numeric_limits<float>::max(),
+                           -std::numeric_limits<float>::max(), std::numeric_limits<float>::denorm_min(),
+                           std::bit_cast<float>(0x00408000u), 0.0f, -0.0f,
+                           std::numeric_limits<float>::infinity(), -std::numeric_limits<float>::infinity()};
+  values.insert(values.end(), std::begin(special), std::end(special));
+  const DeviceBuffer<float> master(values);
+  DeviceBuffer<uint16_t> copy(values.size());
+  REQUIRE(cudaDeviceSynchronize() == cudaSuccess);  // upload and poison done before the stream starts
+  bf16_copy(master, copy, stream.get());
+  const std::vector<uint16_t> bits = copy.download();
+  int64_t differ = 0;
+  for (size_t i = 0; i < values.size(); ++i) differ += bits[i] != float_to_bf16(values[i]);
+  CHECK(differ == 0);
+}
