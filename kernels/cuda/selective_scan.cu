@@ -23,9 +23,9 @@
 //   chunk    per chunk, segments of kSegment tokens from last to first: from the segment's checkpoint the
 //            states of kRecompute tokens at a time are recomputed into registers (compile-time indexed,
 //            so they stay there) and the tokens are walked backwards, producing du, ddelta, dz and the
-//            per-token dB, dC contributions. Those are summed over the warp's 32 channels by a butterfly
-//            reduce-scatter (31 shuffles for the 32 sums of a token instead of 5 per sum), then over the
-//            block's warps in shared memory, into per-block partial sums in the workspace;
+//            per-token dB, dC contributions. Those are summed over the warp's 32 channels through shared
+//            memory (each lane stores its 32 values as a row, then adds up one column), then over the
+//            block's warps, into per-block partial sums in the workspace;
 //   reduce   dB, dC = the partial sums over channel blocks, added in a fixed order: deterministic.
 //
 // Costs at the benchmark shape (batch 2, dim 4096, len 2048, N 16, chunk 64: E = 16.8M (b,t,d), E*N =
@@ -42,7 +42,9 @@
 //     issues ~650 instructions per warp-token (SASS: ~420 for the reverse step, of which ~125 are the
 //     butterfly's shuffles, adds and selects; ~130 for recomputing states; the rest softplus and
 //     addressing) against ~100 MUFU cycles, so it is issue-bound, ~370 us. Backward ~500 us; fwd+bwd
-//     ~700 us against mamba-ssm's 1681 us.
+//     ~700 us against mamba-ssm's 1681 us. Measured: fwd+bwd 1215 us. Replacing the butterfly by the
+//     shared-memory sums (8 vector stores, 32 loads and 31 adds per token instead of ~125 instructions)
+//     gained only 0.6-1.1%, so the chunk kernel is not bound by issue (recipes/bench/NOTES.md, run 9).
 // The single-pass forward forms each exponential once instead of twice. ncu on its first version (base
 // clocks, 385 us): issue-bound at IPC 2.15 with 7.7 warps per SM, ~330 instructions per (t, d), mostly
 // per-token guards, 64-bit address arithmetic and the staging; without them (rows past the end step
@@ -695,29 +697,20 @@ __global__ void __launch_bounds__(kFlatThreads)
   if (d_initial_state != nullptr) d_initial_state[state_at] = carry;
 }
 
-// One step of a butterfly reduce-scatter across the warp: lanes with bit `half` set keep the upper value of
-// the pair and the others the lower, each adding its partner's copy of the value it keeps.
-__device__ __forceinline__ float butterfly_step(float lower, float upper, int half, int lane) {
-  const bool take_upper = lane & half;
-  return (take_upper ? upper : lower) + __shfl_xor_sync(0xffffffffu, take_upper ? lower : upper, half);
-}
-
-// The remaining steps on 2 * kHalf values: afterwards lane l holds in v[0] the value number l % (2 * kHalf).
-// Recursion rather than a loop over the step width keeps every index a compile-time constant.
-template <int kHalf>
-__device__ __forceinline__ void butterfly(float (&v)[kState], int lane) {
-#pragma unroll
-  for (int n = 0; n < kHalf; ++n) v[n] = butterfly_step(v[n], v[n + kHalf], kHalf, lane);
-  if constexpr (kHalf > 1) butterfly<kHalf / 2>(v, lane);
-}
+// The per-token dB, dC contributions of a warp's 32 channels go through shared memory to be summed over
+// the channels: each lane writes its 32 values as a row (float4 stores), then lane j adds column j. The
+// padding of 4 floats keeps both free of bank conflicts: a quarter-warp's 16-byte stores cover all 32
+// banks, and the 32 lanes of a column load hit 32 different banks.
+constexpr int kSumsStride = 2 * kState + 4;
 
 // The reverse step at one token (CPU backward, same names): updates dh to the carry into the previous
 // token, returns du, ddelta, dz through the references and, as its value, this lane's share of the warp's
-// token sums: lane l < 16 gets sum over the warp of dB_t[l], lane 16 + n gets that of dC_t[n].
+// token sums: lane l < 16 gets sum over the warp of dB_t[l], lane 16 + n gets that of dC_t[n]. warp_rows:
+// the warp's rows for those sums, [32][kSumsStride].
 __device__ __forceinline__ float backward_token(const Channel& ch, const float (&h_prev)[kState], float (&dh)[kState],
                                                 const float* bc_row, float u, float dt, float pre, float z,
-                                                float dout, int lane, float& du_out, float& ddelta_out,
-                                                float& dz_out) {
+                                                float dout, int lane, float (*warp_rows)[kSumsStride], float& du_out,
+                                                float& ddelta_out, float& dz_out) {
   float B[kState], C[kState];
   load_row(bc_row, B);
   load_row(bc_row + kState, C);
@@ -725,7 +718,7 @@ __device__ __forceinline__ float backward_token(const Channel& ch, const float (
   const float sig_z = sigmoid(z);
   const float dy = dout * (z * sig_z);
   float y = 0.0f, dh_B = 0.0f, dh_Aa = 0.0f;
-  float sums[kState];  // after the first butterfly step: the warp pair sums of dB[n] or dC[n]
+  float dB_t[kState], dC_t[kState];  // this channel's contributions
 #pragma unroll
   for (int n = 0; n < kState; ++n) {
     const float decay = exp2_approx(dt * ch.A2[n]);
@@ -736,14 +729,25 @@ __device__ __forceinline__ float backward_token(const Channel& ch, const float (
     dh_B = fmaf(dh_t, B[n], dh_B);
     dh_Aa = fmaf(dh_t * a_n, ch.A2[n], dh_Aa);
     dh[n] = decay * dh_t;
-    sums[n] = butterfly_step(dh_t * du, dy * h_n, 16, lane);
+    dB_t[n] = dh_t * du;
+    dC_t[n] = dy * h_n;
   }
-  butterfly<kState / 2>(sums, lane);
+  float4* row = reinterpret_cast<float4*>(warp_rows[lane]);
+#pragma unroll
+  for (int q = 0; q < kState / 4; ++q) {
+    row[q] = make_float4(dB_t[4 * q], dB_t[4 * q + 1], dB_t[4 * q + 2], dB_t[4 * q + 3]);
+    row[kState / 4 + q] = make_float4(dC_t[4 * q], dC_t[4 * q + 1], dC_t[4 * q + 2], dC_t[4 * q + 3]);
+  }
+  __syncwarp();
+  float sum = 0.0f;
+#pragma unroll
+  for (int r = 0; r < 32; ++r) sum += warp_rows[r][lane];
+  __syncwarp();  // every lane has read its column before the next token's rows are written
   y = fmaf(ch.Dskip, u, y);
   du_out = fmaf(dt, dh_B, dy * ch.Dskip);
   ddelta_out = sigmoid(pre) * fmaf(u, dh_B, kLn2 * dh_Aa);  // A = A2 * ln 2
   dz_out = dout * y * sig_z * (1.0f + z * (1.0f - sig_z));
-  return sums[0];
+  return sum;
 }
 
 template <bool kDocs>
@@ -753,6 +757,7 @@ __global__ void __launch_bounds__(kChannels, 3)
   __shared__ __align__(16) float rows[kSegment][2 * kState];
   __shared__ bool starts[kSegment];
   __shared__ float warp_sums[2][kRecompute][kWarps][2 * kState];  // double-buffered: one barrier per window
+  __shared__ __align__(16) float lane_sums[kWarps][32][kSumsStride];
   const ChunkBlock blk = chunk_block(a);
   const Channel ch = load_channel(a, blk.dim_block * kChannels + threadIdx.x);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -812,7 +817,8 @@ __global__ void __launch_bounds__(kChannels, 3)
           }
           float du, ddelta, dz;
           warp_sums[buffer][s][warp][lane] = backward_token(ch, states[s], dh, rows[first + s], x.u[s], dt[s],
-                                                            x.pre[s], x.z[s], x.dout[s], lane, du, ddelta, dz);
+                                                            x.pre[s], x.z[s], x.dout[s], lane, lane_sums[warp], du,
+                                                            ddelta, dz);
           if (starts_here) {
 #pragma unroll
             for (int n = 0; n < kState; ++n) dh[n] = 0.0f;
