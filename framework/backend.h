@@ -160,6 +160,11 @@ class Backend : public BackendSizes {
   // is written into (forward) and read from (backward) x's columns [in, in + rank).
   virtual void linear_forward(const LinearOp& op, const void* x, int64_t ldx, int64_t rows, void* y,
                               int64_t ldy, void* lora_h, void* workspace) = 0;
+  // h = A(dropout(x)) of op's LoRA path alone (op.lora is set), written where linear_forward writes it
+  // (x's columns with op.h_in_x_columns, else lora_h), bit for bit as linear_forward writes it: for the
+  // backward's recomputation of a projection whose output y it does not need.
+  virtual void lora_down_projection(const LinearOp& op, const void* x, int64_t ldx, int64_t rows, void* lora_h,
+                                    void* workspace) = 0;
   // dx (act, stride lddx) = dy · W + LoRA path (or += when accumulate_dx); adapter grads accumulated.
   virtual void linear_backward(const LinearOp& op, const void* x, int64_t ldx, int64_t rows, const void* dy,
                                int64_t ldy, const void* lora_h, void* dx, int64_t lddx, bool accumulate_dx,

@@ -127,6 +127,12 @@ class CpuBackend final : public Backend {
                            static_cast<T>(op.lora->scale), dropout(*op.lora), cast(h.data), h.ld, cast(y), ldy);
     }
   }
+  void lora_down_projection(const LinearOp& op, const void* x, int64_t ldx, int64_t rows, void* lora_h,
+                            void*) override {
+    const LoraHView h = lora_h_view(op, x, ldx, lora_h, sizeof(T));
+    cpu::lora_down_projection<T>(lora_dims(op, rows), cast(x), ldx, cast(op.lora->A), dropout(*op.lora), cast(h.data),
+                                 h.ld);
+  }
   void linear_backward(const LinearOp& op, const void* x, int64_t ldx, int64_t rows, const void* dy,
                        int64_t ldy, const void* lora_h, void* dx, int64_t lddx, bool accumulate_dx,
                        void* workspace) override {

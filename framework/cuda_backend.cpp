@@ -204,6 +204,12 @@ class CudaBackend final : public Backend {
                          lora_workspace(op, workspace));
     }
   }
+  void lora_down_projection(const LinearOp& op, const void* x, int64_t ldx, int64_t rows, void* lora_h,
+                            void* workspace) override {
+    const LoraHView h = lora_h_view(op, x, ldx, lora_h, kBf16);
+    cuda::lora_down_projection(*gemm_, lora_dims(op, rows), bf16(x), ldx, bf16(op.lora->A_act), dropout(*op.lora),
+                               bf16(h.data), h.ld, lora_workspace(op, workspace));
+  }
   // dx = dy·W (+ dx), then the LoRA path's share of dx and its adapter gradients.
   void linear_backward(const LinearOp& op, const void* x, int64_t ldx, int64_t rows, const void* dy, int64_t ldy,
                        const void* lora_h, void* dx, int64_t lddx, bool accumulate_dx, void* workspace) override {

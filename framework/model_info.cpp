@@ -68,7 +68,11 @@ FlopsPerToken flops_per_token(const MambaConfig& model, const LoraConfig& lora, 
   // dx = dy · W for each frozen GEMM (one forward's worth), the adapters' dA, dB and their share of dx
   // (two forwards' worth), the conv's dx, the scan's three, and dh of the LM head.
   f.backward = layers * (gemm + 2 * adapters + conv + 3 * scan) + head;
-  f.recompute = layers * (gemm + adapters + conv + scan);
+  // The recomputation before a layer's backward skips out_proj's frozen GEMM and its adapter's
+  // up-projection: the output they form is not needed again (TrainStep::layer_forward).
+  const int64_t out_proj_rank = lora.targets_projection(Projection::out_proj) ? lora.rank : 0;
+  const double out_proj_output = 2.0 * static_cast<double>(model.d_model * (model.d_inner + out_proj_rank));
+  f.recompute = layers * (gemm + adapters + conv + scan - out_proj_output);
   f.regenerate =
       static_cast<double>(TrainStep::regenerated_layer_forwards(model.n_layer, checkpoint_every, keep_layer_outputs)) *
       (gemm + adapters + conv + scan);

@@ -49,7 +49,8 @@ struct FlopsPerToken {
   double forward = 0;    // layers and LM head with its loss
   double backward = 0;   // input gradients of the frozen GEMMs (no weight gradients), adapter gradients,
                          // conv and scan backward
-  double recompute = 0;  // with memory.recompute: every layer's forward once more in the backward
+  double recompute = 0;  // with memory.recompute: every layer's forward once more in the backward, but for
+                         // out_proj's output (its frozen GEMM and its adapter's up-projection)
   // with memory.checkpoint_every > 1 as well: the layer forwards that regenerate the layer inputs between
   // checkpoints (TrainStep::regenerated_layer_forwards; none with memory.keep_layer_outputs)
   double regenerate = 0;

@@ -264,7 +264,7 @@ void TrainStep::upload_batch(const uint32_t* tokens, const uint8_t* target_mask,
 }
 
 void TrainStep::layer_forward(int64_t i, LayerActivations& a, bool add_previous_mixer, bool first_forward,
-                              uint64_t seed, uint64_t stream) {
+                              bool output_needed, uint64_t seed, uint64_t stream) {
   const MambaConfig& c = weights_.config();
   const MambaLayerWeights& w = base_.layer(i);
   const int64_t T = rows_, D = c.d_inner, R = c.dt_rank, N = c.d_state, xdbl_cols = R + 2 * N;
@@ -318,9 +318,12 @@ void TrainStep::layer_forward(int64_t i, LayerActivations& a, bool add_previous_
                                     xdbl_cols, w.D, act_at(a.xz, D), 2 * D, a.y, y_cols_, a.states, scan_workspace_,
                                     boundaries_, carried_in ? carried->scan_initial : nullptr);
   }
-  backend_.linear_forward(linear(i, Projection::out_proj, lora, seed, stream), a.y, y_cols_, T,
-                          first_forward ? layer_output(i) : mixer_out_, c.d_model, h(Projection::out_proj),
-                          linear_workspace_);
+  const LinearOp out_proj = linear(i, Projection::out_proj, lora, seed, stream);
+  if (output_needed)
+    backend_.linear_forward(out_proj, a.y, y_cols_, T, first_forward ? layer_output(i) : mixer_out_, c.d_model,
+                            h(Projection::out_proj), linear_workspace_);
+  else if (out_proj.lora)
+    backend_.lora_down_projection(out_proj, a.y, y_cols_, T, h(Projection::out_proj), linear_workspace_);
 }
 
 void* TrainStep::layer_output(int64_t j) const {
@@ -401,7 +404,7 @@ void TrainStep::forward_layers(uint64_t seed, uint64_t stream) {
   backend_.embedding_forward(inputs_, rows_, weights_.embedding(), c.d_model, residual_[0]);
   for (int64_t i = 0; i < c.n_layer; ++i) {
     base_.acquire(i, i + 1 < c.n_layer ? i + 1 : -1);
-    layer_forward(i, activations(i), i > 0, true, seed, stream);
+    layer_forward(i, activations(i), i > 0, true, true, seed, stream);
   }
   base_.complete();
   backend_.rmsnorm_forward(residual_[c.n_layer - 1], layer_output(c.n_layer - 1), residual_[c.n_layer],
@@ -432,13 +435,13 @@ void TrainStep::backward_layers(uint64_t seed, uint64_t stream, const LayerBackw
     for (int64_t j = up_from; j < top; ++j) {
       base_.acquire(j, j + 1 < top ? j + 1 : after_top);
       if (rebuilt) add_residual_and_norm(j, kept_layer_out_[static_cast<size_t>(j - 1)], activations(j));
-      else if (shape_.recompute) layer_forward(j, activations(j), j > up_from, false, seed, stream);
+      else if (shape_.recompute) layer_forward(j, activations(j), j > up_from, false, j + 1 < top, seed, stream);
     }
     for (int64_t i = top - 1; i >= first; --i) {
       if (i < top - 1) base_.acquire(i, i > first ? i - 1 : next_segment);
       // Below the segment's last layer (only k > 1, with recompute, has such), and the last one itself
       // when the pass up only added.
-      if (i < top - 1 || rebuilt) layer_forward(i, activations(i), false, false, seed, stream);
+      if (i < top - 1 || rebuilt) layer_forward(i, activations(i), false, false, false, seed, stream);
       layer_backward(i, activations(i), seed, stream);
       if (on_layer_backward_done) on_layer_backward_done(i);
     }

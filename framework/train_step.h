@@ -194,8 +194,11 @@ class TrainStep : private TrainStepBuffers {
   // forward, and re-running a segment); without it residual i is already there (layer 0, and
   // recomputation in the backward). first_forward: the step's forward, which leaves the layer's output
   // where the backward may need it again (layer_output) and under context parallelism exchanges what
-  // crosses into the slice (the backward's forwards read it back from carried_in_).
-  void layer_forward(int64_t i, LayerActivations& a, bool add_previous_mixer, bool first_forward,
+  // crosses into the slice (the backward's forwards read it back from carried_in_). output_needed: the
+  // layer's output forms the next residual (the first forward, and re-running a segment below its last
+  // layer); without it, in a recomputation for the layer's own backward, out_proj's frozen GEMM is skipped
+  // (its backward needs y and the adapter's h, not the output) and only the adapter's h is formed.
+  void layer_forward(int64_t i, LayerActivations& a, bool add_previous_mixer, bool first_forward, bool output_needed,
                      uint64_t dropout_seed, uint64_t dropout_stream);
   void layer_backward(int64_t i, LayerActivations& a, uint64_t dropout_seed, uint64_t dropout_stream);
   // Where layer j's output is in the first forward: kept_layer_out_[j], or mixer_out_.

@@ -30,8 +30,8 @@ DroppedInput<T> dropped(const T* x, int64_t ldx, int64_t in, const LoraDropout& 
 }  // namespace
 
 template <typename T>
-void lora_forward(const LoraDims& d, const T* x, int64_t ldx, const T* A, const T* B, T scale,
-                  const LoraDropout& dropout, T* h, int64_t ldh, T* y, int64_t ldy) {
+void lora_down_projection(const LoraDims& d, const T* x, int64_t ldx, const T* A, const LoraDropout& dropout, T* h,
+                          int64_t ldh) {
   const DroppedInput<T> xd = dropped(x, ldx, d.in, dropout);
 #pragma omp parallel for schedule(static)
   for (int64_t t = 0; t < d.rows; ++t)
@@ -40,6 +40,12 @@ void lora_forward(const LoraDims& d, const T* x, int64_t ldx, const T* A, const 
       for (int64_t i = 0; i < d.in; ++i) acc += A[j * d.in + i] * xd(t, i);
       h[t * ldh + j] = acc;
     }
+}
+
+template <typename T>
+void lora_forward(const LoraDims& d, const T* x, int64_t ldx, const T* A, const T* B, T scale,
+                  const LoraDropout& dropout, T* h, int64_t ldh, T* y, int64_t ldy) {
+  lora_down_projection(d, x, ldx, A, dropout, h, ldh);
   gemm<T>(false, true, d.rows, d.out, d.rank, scale, h, ldh, B, d.rank, T(1), y, ldy);
 }
 
@@ -67,6 +73,8 @@ void lora_backward(const LoraDims& d, const T* x, int64_t ldx, const T* A, const
 }
 
 #define SSMTUNE_INSTANTIATE_LORA(T)                                                                      \
+  template void lora_down_projection<T>(const LoraDims&, const T*, int64_t, const T*, const LoraDropout&, T*,    \
+                                        int64_t);                                                        \
   template void lora_forward<T>(const LoraDims&, const T*, int64_t, const T*, const T*, T, const LoraDropout&, \
                                 T*, int64_t, T*, int64_t);                                               \
   template void lora_backward<T>(const LoraDims&, const T*, int64_t, const T*, const T*, T,              \

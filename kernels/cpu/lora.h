@@ -21,6 +21,12 @@ struct LoraDropout {
 };
 
 // h has row stride ldh (>= rank): it may be columns of x's own rows (framework/backend.h, h_in_x_columns).
+// The down-projection alone: h = A(dropout(x)).
+template <typename T>
+void lora_down_projection(const LoraDims& d, const T* x, int64_t ldx, const T* A, const LoraDropout& dropout, T* h,
+                          int64_t ldh);
+
+// The down-projection, then y += scale * B h.
 template <typename T>
 void lora_forward(const LoraDims& d, const T* x, int64_t ldx, const T* A, const T* B, T scale,
                   const LoraDropout& dropout, T* h, int64_t ldh, T* y, int64_t ldy);

@@ -88,7 +88,11 @@ TEST_CASE("info's parameter counts, bytes and FLOPs match the model, adapters an
       const double head = 2.0 * static_cast<double>(M * c.vocab_size);
       const double elementwise = static_cast<double>(c.n_layer) * (2.0 * c.conv_kernel * D + 8.0 * D * N);
       CHECK(f.forward == Approx(2.0 * static_cast<double>(p.nf4 + p.trainable) + head + elementwise).epsilon(1e-12));
-      CHECK(f.recompute == Approx(f.forward - head).epsilon(1e-12));
+      // The recomputation: a forward without the LM head and without forming out_proj's output (its frozen
+      // GEMM, d_model x d_inner, and its adapter's up-projection, d_model x rank).
+      const double out_proj_output =
+          2.0 * static_cast<double>(M * (D + (lora.targets_projection(Projection::out_proj) ? lora.rank : 0)));
+      CHECK(f.recompute == Approx(f.forward - head - c.n_layer * out_proj_output).epsilon(1e-12));
       CHECK(f.step(true) == Approx(f.step(false) + f.recompute).epsilon(1e-12));
       CHECK(f.backward > f.forward);  // dx of every GEMM, plus the adapters' weight gradients
     }
