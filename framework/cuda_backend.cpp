@@ -187,10 +187,8 @@ class CudaBackend final : public Backend {
                                      k, weight, stream_);
       cuda::lora_scaled_up_weight(lora_dims(op, rows), f32(op.lora->B), static_cast<float>(op.lora->scale),
                                   weight + in, k, stream_);
-      uint16_t* x_ext = const_cast<uint16_t*>(bf16(x));
-      cuda::lora_down_projection(*gemm_, lora_dims(op, rows), x_ext, ldx, bf16(op.lora->A_act), dropout(*op.lora),
-                                 x_ext + in, ldx, lora_workspace(op, workspace));
-      gemm_->run(false, true, rows, w.out_features, k, 1.0f, x_ext, ldx, weight, k, 0.0f, y, cuda::GemmOut::bf16,
+      lora_down_projection(op, x, ldx, rows, nullptr, workspace);  // h into x's columns [in, in + rank)
+      gemm_->run(false, true, rows, w.out_features, k, 1.0f, bf16(x), ldx, weight, k, 0.0f, y, cuda::GemmOut::bf16,
                  ldy);
       return;
     }

@@ -52,10 +52,10 @@ class LoraAdapters {
   DType dtype() const { return backend_->master_dtype(); }
 
   void* params() const { return params_; }
-  // The parameters in the backend's act dtype, for its GEMMs: a copy where act is not master (the GPU's
-  // bf16 beside its fp32 masters), else params() itself. Whatever writes the parameters (the optimizer,
-  // loading, uploads) leaves the copy stale: the passes that read it call refresh_act_params first.
-  void* params_act() const { return params_act_; }
+  // The parameters in the backend's act dtype, which path() hands out as A_act and B_act for the GEMMs: a
+  // copy where act is not master (the GPU's bf16 beside its fp32 masters), else the parameters themselves.
+  // Whatever writes the parameters (the optimizer, loading, uploads) leaves the copy stale: the passes that
+  // read it call refresh_act_params first.
   void refresh_act_params() const;
   void* grads() const { return grads_; }
   // The moments of optimizer_range() only: element 0 is that of element optimizer_range().begin.
